@@ -1,0 +1,271 @@
+"""GenesisCheckpoint: a thin Lightning adapter that turns trainer hooks into calls on a CheckpointStore."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from . import rng
+from ._lightning import check_compatibility, dump_checkpoint, install_resume_hook
+from .errors import MonitorNotFoundError
+from .manifest import BEST_NAME, INTERRUPT_NAME, CheckpointRecord, epoch_name
+from .resume import resolve
+from .retention import EveryNEpochs, KeepBestK, KeepLastN, Mode, is_better, rolling_to_delete
+from .store import CheckpointStore
+
+try:
+    from pytorch_lightning.callbacks import Checkpoint
+except ImportError:  # pragma: no cover - only the unified package installed
+    from lightning.pytorch.callbacks import Checkpoint  # type: ignore[no-redef]
+
+log = logging.getLogger(__name__)
+
+_LIGHTNING_TRAINING_KEYS = ("state_dict", "loops", "optimizer_states", "lr_schedulers")
+
+
+def _validate_training_checkpoint(checkpoint: Any) -> str | None:
+    if not isinstance(checkpoint, dict):
+        return f"not a Lightning checkpoint (a {type(checkpoint).__name__}, not a dict)"
+    missing = [k for k in _LIGHTNING_TRAINING_KEYS if k not in checkpoint]
+    if missing:
+        return f"not a Lightning training checkpoint (missing {', '.join(missing)})"
+    return None
+
+
+class GenesisCheckpoint(Checkpoint):
+    """Atomic, checksummed checkpoints on any fsspec URL, with exact auto-resume and interrupt snapshots.
+
+    Files in ``dirpath``: ``checkpoint_epoch_{epoch}.pth`` (the newest ``keep_last`` are kept),
+    ``best_model.pth`` (best by ``monitor``/``mode``), ``interrupt_checkpoint.pth`` (Ctrl+C, SIGTERM or a
+    crash inside ``fit``), and ``genesis_manifest.json``. Every file is a standard Lightning checkpoint plus
+    the global RNG states, loadable with ``torch.load(weights_only=True)``.
+
+    Args:
+        dirpath: directory path or fsspec URL (``memory://...``, ``s3://bucket/prefix``...).
+        monitor: logged metric that decides ``best_model.pth`` and top-k protection; None disables both.
+        mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is better.
+        save_top_k: rolling checkpoints of the ``k`` best epochs by ``monitor`` are protected from rolling
+            deletion (0: no protection).
+        keep_last: how many of the newest rolling checkpoints to keep (at least 1).
+        every_n_epochs: save a rolling checkpoint every n epochs (and always after the final epoch);
+            0 saves only the final epoch (``best_model.pth`` is still kept up to date).
+        auto_resume: ``trainer.fit(model)`` without ``ckpt_path`` resumes from the newest valid checkpoint
+            here. An explicit ``ckpt_path`` always wins.
+        save_on_exception: write ``interrupt_checkpoint.pth`` when ``fit`` is interrupted or crashes.
+        storage_options: passed to fsspec (credentials, endpoints); never written to files or logs.
+        trusted: allow resuming from files that need full pickle (custom classes in hparams). Only for files
+            you trust: unpickling can run code.
+        verbose: log one info line per save and resume. Warnings are always logged.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        monitor: str | None = None,
+        mode: Mode = "min",
+        save_top_k: int = 1,
+        keep_last: int = 5,
+        every_n_epochs: int = 1,
+        auto_resume: bool = True,
+        save_on_exception: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        trusted: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        if mode not in ("min", "max"):
+            raise ValueError(f"GenesisCheckpoint(mode={mode!r}) is invalid: use 'min' or 'max'")
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(
+                f"GenesisCheckpoint(keep_last={keep_last!r}) is invalid: keep at least 1 checkpoint"
+            )
+        if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < 0:
+            raise ValueError(
+                f"GenesisCheckpoint(save_top_k={save_top_k!r}) is invalid: use 0 or a positive int"
+            )
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 0:
+            raise ValueError(
+                f"GenesisCheckpoint(every_n_epochs={every_n_epochs!r}) is invalid: use 0 or a positive int"
+            )
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(
+                f"GenesisCheckpoint(monitor={monitor!r}) is invalid: give a logged metric's name"
+            )
+        self.dirpath = str(dirpath)
+        self.monitor = monitor
+        self.mode: Mode = mode
+        self.auto_resume = auto_resume
+        self.save_on_exception = save_on_exception
+        self.trusted = trusted
+        self.verbose = verbose
+        self.store = CheckpointStore(self.dirpath, storage_options, verbose=verbose)
+        self.save_policy = EveryNEpochs(every_n_epochs)
+        self.retention = (KeepLastN(keep_last), KeepBestK(save_top_k, monitor, mode))
+        #: The record auto-resume restored from in the current ``fit``, if any.
+        self.resumed_from: CheckpointRecord | None = None
+        #: The most recent record this callback committed.
+        self.last_saved: CheckpointRecord | None = None
+        self._uninstall_resume_hook: Any = None
+        self._training_started = False
+        self._validated = False
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_compatibility(trainer)
+        self.resumed_from = None
+        self._training_started = False
+        self._validated = False
+        if trainer.is_global_zero:
+            # Fail here, before any training step, rather than after the first epoch's work.
+            self.store.ensure_writable()
+            self.store.sweep_temp()
+            self.store.manifest(refresh=True)
+        if self.auto_resume:
+            self._uninstall_resume_hook = install_resume_hook(trainer, self._resolve_resume)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._uninstall_resume_hook is not None:
+            self._uninstall_resume_hook()
+            self._uninstall_resume_hook = None
+
+    def _resolve_resume(self) -> tuple[str, dict[str, Any]] | None:
+        found = resolve(self.store, trusted=self.trusted, validate=_validate_training_checkpoint)
+        if found.record is None:
+            return None
+        rec = found.record
+        self.resumed_from = rec
+        if self.verbose:
+            log.info(
+                "resuming from %s (epoch %s, step %s)",
+                self.store.url_for(rec.name),
+                rec.epoch,
+                rec.global_step,
+            )
+        return self.store.url_for(rec.name), found.checkpoint
+
+    # ------------------------------------------------------------------------------ callback state
+    def state_dict(self) -> dict[str, Any]:
+        # Captured when the checkpoint dict is built, i.e. at the save point; restored during Lightning's
+        # restore, before the resumed run's first dataloader iterator draws its shuffle seed.
+        return {"rng": rng.capture()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "rng" in state_dict:
+            rng.restore(state_dict["rng"])
+
+    # ---------------------------------------------------------------------------------- triggers
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._training_started = True
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self._validated = True
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        epoch = trainer.current_epoch
+        metrics = self._metrics(trainer)
+        value = self._monitored_value(trainer, metrics)
+        best = self.store.manifest().get(BEST_NAME)
+        improved = value is not None and is_better(value, best.metric() if best else None, self.mode)
+        due = self.save_policy.should_save(epoch, self._is_final_epoch(trainer))
+        if not (due or improved):
+            return
+        checkpoint = dump_checkpoint(trainer)
+        if not trainer.is_global_zero:
+            return
+        fields = {
+            "epoch": epoch,
+            "global_step": trainer.global_step,
+            "metrics": metrics,
+            "monitor": self.monitor,
+        }
+        if due:
+            record = self.store.save(epoch_name(epoch), checkpoint, role="epoch", **fields)
+            if improved:
+                self.store.copy(record.name, BEST_NAME, role="best")
+        else:
+            record = self.store.save(BEST_NAME, checkpoint, role="best", **fields)
+        del checkpoint
+        self.last_saved = record
+        self._after_commit(record)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if not (self.save_on_exception and self._training_started and trainer.is_global_zero):
+            return
+        try:
+            checkpoint = dump_checkpoint(trainer)
+            self.last_saved = self.store.save(
+                INTERRUPT_NAME,
+                checkpoint,
+                role="interrupt",
+                epoch=trainer.current_epoch,
+                global_step=trainer.global_step,
+                metrics=self._metrics(trainer),
+                monitor=self.monitor,
+            )
+            log.warning(
+                "fit interrupted by %s: snapshot saved to %s (epoch %d, step %d); run again to resume",
+                type(exception).__name__,
+                self.store.url_for(INTERRUPT_NAME),
+                trainer.current_epoch,
+                trainer.global_step,
+            )
+        except Exception as e:
+            # The original exception is what the user must see; a failed snapshot must not replace it.
+            log.error(
+                "could not save the interrupt snapshot to %s: %s", self.store.url_for(INTERRUPT_NAME), e
+            )
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _after_commit(self, record: CheckpointRecord) -> None:
+        """Retention and snapshot retirement, only ever after a newer checkpoint has committed."""
+        records = self.store.records()
+        doomed = rolling_to_delete(records, self.retention)
+        snapshot = self.store.manifest().get(INTERRUPT_NAME)
+        if snapshot is not None and (snapshot.global_step or 0) <= (record.global_step or 0):
+            doomed.append(INTERRUPT_NAME)
+        if doomed:
+            self.store.delete(doomed)
+
+    @staticmethod
+    def _metrics(trainer: Any) -> dict[str, float]:
+        out = {}
+        for key, value in trainer.callback_metrics.items():
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    continue
+                value = value.item()
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[str(key)] = float(value)
+        return out
+
+    def _monitored_value(self, trainer: Any, metrics: Mapping[str, float]) -> float | None:
+        if self.monitor is None:
+            return None
+        if self.monitor in metrics:
+            value = metrics[self.monitor]
+            return None if math.isnan(value) else value
+        # A validation metric does not exist before the first validation run: only complain once it
+        # should have been logged.
+        if self._validated or not trainer.enable_validation:
+            available = ", ".join(sorted(metrics)) or "none"
+            raise MonitorNotFoundError(
+                f"GenesisCheckpoint(monitor={self.monitor!r}) found no such logged metric. Available metrics: "
+                f"{available}. Log it with self.log({self.monitor!r}, ...) or change `monitor`."
+            )
+        return None
+
+    @staticmethod
+    def _is_final_epoch(trainer: Any) -> bool:
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
+            return True
+        max_steps = trainer.max_steps
+        return bool(trainer.should_stop or (max_steps is not None and 0 <= max_steps <= trainer.global_step))

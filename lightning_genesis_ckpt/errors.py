@@ -1,0 +1,61 @@
+"""Our own error meanings. Filesystem conditions use the standard library's exceptions instead.
+
+Every error names the file or setting it is about and says what to do next.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+
+class GenesisCheckpointError(Exception):
+    """Base class of every error this library raises for its own meanings."""
+
+
+class CheckpointCorruptError(GenesisCheckpointError, pickle.UnpicklingError):
+    """A checkpoint file is damaged: truncated, wrong checksum, not a checkpoint at all.
+
+    It subclasses :class:`pickle.UnpicklingError` so that code written against ``torch.load`` /
+    Genesis ``load`` keeps catching it.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"checkpoint {path!r} is corrupt: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class UnsafeCheckpointError(GenesisCheckpointError, pickle.UnpicklingError):
+    """A checkpoint holds Python objects that loading would have to execute code to rebuild."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(
+            f"refusing to load {path!r}: it contains objects that are not plain tensors or containers "
+            f"({detail}). Loading it could run arbitrary code. If you trust this file, load it with "
+            f"trusted=True (GenesisCheckpoint(..., trusted=True) for auto-resume), or allow the specific "
+            f"types with torch.serialization.add_safe_globals([...])."
+        )
+        self.path = path
+
+
+class ManifestError(GenesisCheckpointError):
+    """The store's manifest cannot be used as it is (for example, written by a newer version)."""
+
+    def __init__(self, path: str, reason: str, *, newer_format: bool = False) -> None:
+        super().__init__(f"manifest {path!r}: {reason}")
+        self.path = path
+        self.reason = reason
+        #: True when the manifest was written by a newer format: it must never be rebuilt over.
+        self.newer_format = newer_format
+
+
+class StoreLockedError(GenesisCheckpointError):
+    """Another live run holds the checkpoint directory."""
+
+
+class CheckpointSaveError(GenesisCheckpointError):
+    """A checkpoint could not be committed. Everything committed before it is intact."""
+
+
+class MonitorNotFoundError(GenesisCheckpointError, ValueError):
+    """The ``monitor`` metric was never logged by the time it was needed."""

@@ -1,0 +1,183 @@
+"""The manifest: the store's source of truth, a flat list of typed checkpoint records in one JSON file.
+
+A checkpoint is *committed* once its data file is complete and the manifest lists it. The manifest is
+written last, atomically, so a reader sees either the old list or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .errors import ManifestError
+
+MANIFEST_NAME = "genesis_manifest.json"
+FORMAT = "lightning-genesis-ckpt/manifest"
+FORMAT_VERSION = 1
+
+BEST_NAME = "best_model.pth"
+INTERRUPT_NAME = "interrupt_checkpoint.pth"
+EPOCH_PREFIX = "checkpoint_epoch_"
+EPOCH_SUFFIX = ".pth"
+_EPOCH_RE = re.compile(rf"^{EPOCH_PREFIX}(\d+){re.escape(EPOCH_SUFFIX)}$")
+
+ROLES = ("epoch", "best", "interrupt", "manual")
+
+
+def epoch_name(epoch: int) -> str:
+    """The file name of the rolling checkpoint of ``epoch``."""
+    return f"{EPOCH_PREFIX}{int(epoch)}{EPOCH_SUFFIX}"
+
+
+def epoch_of_name(name: str) -> int | None:
+    """The epoch number in a rolling checkpoint's file name, or None for any other name."""
+    m = _EPOCH_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def role_of_name(name: str, default: str = "manual") -> str:
+    """The role implied by one of our standard file names."""
+    if name == BEST_NAME:
+        return "best"
+    if name == INTERRUPT_NAME:
+        return "interrupt"
+    if epoch_of_name(name) is not None:
+        return "epoch"
+    return default
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """One committed checkpoint file.
+
+    Attributes:
+        name: file name inside the store directory.
+        role: ``"epoch"``, ``"best"``, ``"interrupt"`` or ``"manual"``.
+        epoch: training epoch the state belongs to, if known.
+        global_step: optimizer steps taken when the state was captured, if known.
+        metrics: monitored and logged scalar metrics at save time.
+        size: bytes in the file.
+        checksum: ``"crc32:<8 hex digits>"`` of the whole file, computed while writing it.
+        created: Unix time of the commit.
+        seq: commit order inside this store; larger is newer. Never reused.
+        versions: library, Lightning and torch versions that wrote the file.
+        monitor: the metric name that ``best`` is judged by, if any.
+    """
+
+    name: str
+    role: str
+    size: int
+    checksum: str
+    created: float
+    seq: int
+    epoch: int | None = None
+    global_step: int | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    versions: Mapping[str, str] = field(default_factory=dict)
+    monitor: str | None = None
+
+    def metric(self) -> float | None:
+        """The value of the monitored metric, if this record has one."""
+        if self.monitor is None:
+            return None
+        return self.metrics.get(self.monitor)
+
+    def with_changes(self, **changes: Any) -> CheckpointRecord:
+        """A copy of this record with some fields replaced."""
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of this record."""
+        d = asdict(self)
+        d["metrics"] = dict(self.metrics)
+        d["versions"] = dict(self.versions)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> CheckpointRecord:
+        """Parse one record; raises ``KeyError``/``TypeError``/``ValueError`` when malformed."""
+        return cls(
+            name=str(d["name"]),
+            role=str(d["role"]),
+            size=int(d["size"]),
+            checksum=str(d["checksum"]),
+            created=float(d["created"]),
+            seq=int(d["seq"]),
+            epoch=None if d.get("epoch") is None else int(d["epoch"]),
+            global_step=None if d.get("global_step") is None else int(d["global_step"]),
+            metrics={str(k): float(v) for k, v in dict(d.get("metrics") or {}).items()},
+            versions={str(k): str(v) for k, v in dict(d.get("versions") or {}).items()},
+            monitor=None if d.get("monitor") is None else str(d["monitor"]),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """An immutable snapshot of the manifest: records by name plus the next commit number."""
+
+    records: Mapping[str, CheckpointRecord] = field(default_factory=dict)
+    next_seq: int = 1
+
+    def get(self, name: str) -> CheckpointRecord | None:
+        """The record of ``name``, or None."""
+        return self.records.get(name)
+
+    def sorted(self) -> list[CheckpointRecord]:
+        """All records, oldest commit first."""
+        return sorted(self.records.values(), key=lambda r: r.seq)
+
+    def with_record(self, record: CheckpointRecord) -> Manifest:
+        """A new manifest with ``record`` added (or replacing the record of the same name)."""
+        records = dict(self.records)
+        records[record.name] = record
+        return Manifest(records, max(self.next_seq, record.seq + 1))
+
+    def without(self, names: Iterable[str]) -> Manifest:
+        """A new manifest without the records of ``names``."""
+        drop = set(names)
+        return Manifest({n: r for n, r in self.records.items() if n not in drop}, self.next_seq)
+
+    def encode(self) -> bytes:
+        """The manifest as UTF-8 JSON."""
+        doc = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "next_seq": self.next_seq,
+            "checkpoints": [r.to_json() for r in self.sorted()],
+        }
+        return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def decode(cls, data: bytes, path: str) -> Manifest:
+        """Parse a manifest file's bytes.
+
+        Raises:
+            ManifestError: not JSON, not our format, malformed records, or a newer format version
+                (``.newer_format`` is set then: such a manifest must not be rebuilt over).
+        """
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(path, f"not valid JSON ({e})") from e
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ManifestError(path, "not a lightning-genesis-ckpt manifest")
+        version = doc.get("version")
+        if not isinstance(version, int):
+            raise ManifestError(path, f"invalid format version {version!r}")
+        if version > FORMAT_VERSION:
+            raise ManifestError(
+                path,
+                f"written by a newer format version {version} (this library reads up to "
+                f"{FORMAT_VERSION}); upgrade lightning-genesis-ckpt to use this directory",
+                newer_format=True,
+            )
+        try:
+            records = [CheckpointRecord.from_json(r) for r in doc["checkpoints"]]
+            next_seq = int(doc.get("next_seq", 1))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(path, f"malformed record ({e!r})") from e
+        top = max((r.seq for r in records), default=0)
+        return cls({r.name: r for r in records}, max(next_seq, top + 1))

@@ -1,0 +1,208 @@
+"""The store test-suite. Every backend in the ``store_url`` fixture runs all of it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+
+import pytest
+import torch
+
+from lightning_genesis_ckpt import CheckpointCorruptError, CheckpointStore, ManifestError
+from lightning_genesis_ckpt.atomicity import TMP_PREFIX
+from lightning_genesis_ckpt.manifest import MANIFEST_NAME
+
+
+def state(seed: int = 0, n: int = 1000) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(n, generator=g), "step": seed}
+
+
+def raw_bytes(store: CheckpointStore, name: str) -> bytes:
+    with store.fs.open(store.path(name), "rb") as f:
+        return f.read()
+
+
+def write_raw(store: CheckpointStore, name: str, data: bytes) -> None:
+    with store.fs.open(store.path(name), "wb") as f:
+        f.write(data)
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this on purpose")
+
+
+def test_save_load_roundtrip_and_record(store_url: str) -> None:
+    store = CheckpointStore(store_url)
+    obj = state(1)
+    rec = store.save("a.pth", obj, epoch=3, global_step=30, metrics={"val_loss": 0.5}, monitor="val_loss")
+    assert rec.size == len(raw_bytes(store, "a.pth"))
+    assert rec.checksum == f"crc32:{zlib.crc32(raw_bytes(store, 'a.pth')):08x}"
+    assert (rec.epoch, rec.global_step, rec.metric(), rec.role) == (3, 30, 0.5, "manual")
+    assert {"torch", "lightning", "lightning_genesis_ckpt"} <= set(rec.versions)
+    loaded = store.load("a.pth")
+    assert torch.equal(loaded["w"], obj["w"])
+    assert loaded["genesis_ckpt"]["global_step"] == 30
+    assert "genesis_ckpt" not in obj, "the caller's dict must not be modified"
+    # A second store over the same URL reads the same committed state from the manifest.
+    again = CheckpointStore(store_url)
+    assert [r.name for r in again.records()] == ["a.pth"]
+    assert again.manifest().get("a.pth") == rec
+
+
+def test_overwrite_replaces_record_with_newer_seq(store_url: str) -> None:
+    store = CheckpointStore(store_url)
+    first = store.save("x.pth", state(1))
+    second = store.save("x.pth", state(2))
+    assert second.seq > first.seq
+    assert [r.name for r in store.records()] == ["x.pth"]
+    assert torch.equal(store.load("x.pth")["w"], state(2)["w"])
+
+
+def test_failed_save_leaves_previous_file_intact(store_url: str) -> None:
+    store = CheckpointStore(store_url)
+    good = store.save("x.pth", state(1))
+    before = raw_bytes(store, "x.pth")
+    with pytest.raises(RuntimeError, match="on purpose"):
+        store.save("x.pth", {"w": torch.ones(10), "bad": Unpicklable()})
+    assert raw_bytes(store, "x.pth") == before
+    assert CheckpointStore(store_url).manifest().get("x.pth") == good
+    assert not [n for n in store._list_names() if n.startswith(TMP_PREFIX)]
+
+
+def test_copy_is_byte_identical_and_committed(store_url: str) -> None:
+    store = CheckpointStore(store_url)
+    src = store.save("checkpoint_epoch_1.pth", state(1), epoch=1, global_step=10)
+    dst = store.copy("checkpoint_epoch_1.pth", "best_model.pth")
+    assert dst.role == "best" and dst.checksum == src.checksum and dst.seq > src.seq
+    assert raw_bytes(store, "best_model.pth") == raw_bytes(store, "checkpoint_epoch_1.pth")
+    store.verify("best_model.pth")
+    # Deleting the source leaves the copy whole (hard links on local disk share bytes, not fate).
+    store.delete(["checkpoint_epoch_1.pth"])
+    store.verify("best_model.pth")
+
+
+def test_delete_touches_only_listed_files(store_url: str) -> None:
+    store = CheckpointStore(store_url)
+    store.save("a.pth", state(1))
+    write_raw(store, "users_notes.txt", b"mine")
+    assert store.delete(["a.pth", "users_notes.txt", "never_existed.pth"]) == ["a.pth"]
+    assert not store.fs.exists(store.path("a.pth"))
+    assert raw_bytes(store, "users_notes.txt") == b"mine"
+    assert store.records() == []
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda b: b[: len(b) // 2], id="truncated"),
+        pytest.param(lambda b: b[:100] + bytes([b[100] ^ 0xFF]) + b[101:], id="bit-flip"),
+        pytest.param(lambda b: b"", id="zero-length"),
+    ],
+)
+def test_verify_detects_damage(store_url: str, damage) -> None:
+    store = CheckpointStore(store_url)
+    store.save("a.pth", state(1))
+    write_raw(store, "a.pth", damage(raw_bytes(store, "a.pth")))
+    with pytest.raises(CheckpointCorruptError, match=r"a\.pth"):
+        store.verify("a.pth")
+    with pytest.raises(CheckpointCorruptError, match=r"a\.pth"):
+        store.load("a.pth")
+
+
+def test_missing_manifest_is_rebuilt_with_warning(store_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    store = CheckpointStore(store_url)
+    store.save("checkpoint_epoch_0.pth", state(0), epoch=0, global_step=5, metrics={"m": 1.0}, monitor="m")
+    store.save("checkpoint_epoch_1.pth", state(1), epoch=1, global_step=10)
+    write_raw(store, "users_file.pth", b"not ours")
+    torch.save({"w": torch.zeros(3)}, "/dev/null")
+    original = store.manifest()
+    store.fs.rm_file(store.manifest_path)
+    with caplog.at_level(logging.WARNING):
+        rebuilt = CheckpointStore(store_url).manifest()
+    assert "missing; rebuilding" in caplog.text
+    assert sorted(rebuilt.records) == ["checkpoint_epoch_0.pth", "checkpoint_epoch_1.pth"]
+    for name, rec in rebuilt.records.items():
+        old = original.records[name]
+        assert (rec.checksum, rec.size, rec.epoch, rec.global_step, rec.role) == (
+            old.checksum,
+            old.size,
+            old.epoch,
+            old.global_step,
+            old.role,
+        )
+    assert rebuilt.records["checkpoint_epoch_0.pth"].metric() == 1.0
+    assert rebuilt.records["checkpoint_epoch_1.pth"].seq > rebuilt.records["checkpoint_epoch_0.pth"].seq
+
+
+def test_garbage_manifest_is_rebuilt_with_warning(store_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    store = CheckpointStore(store_url)
+    store.save("checkpoint_epoch_0.pth", state(0), epoch=0, global_step=5)
+    write_raw(store, MANIFEST_NAME, b"{not json")
+    with caplog.at_level(logging.WARNING):
+        rebuilt = CheckpointStore(store_url).manifest()
+    assert "not valid JSON" in caplog.text
+    assert list(rebuilt.records) == ["checkpoint_epoch_0.pth"]
+
+
+def test_newer_manifest_format_is_refused_not_overwritten(store_url: str) -> None:
+    store = CheckpointStore(store_url)
+    store.save("a.pth", state(0))
+    doc = json.loads(raw_bytes(store, MANIFEST_NAME))
+    doc["version"] = 99
+    write_raw(store, MANIFEST_NAME, json.dumps(doc).encode())
+    with pytest.raises(ManifestError, match="newer format version 99"):
+        CheckpointStore(store_url).manifest()
+
+
+def test_sweep_removes_only_our_temp_files(store_url: str) -> None:
+    store = CheckpointStore(store_url)
+    store.save("a.pth", state(0))
+    write_raw(store, f"{TMP_PREFIX}0123456789ab-a.pth", b"partial")
+    write_raw(store, "tmp_user_file", b"keep")
+    assert store.sweep_temp() == [f"{TMP_PREFIX}0123456789ab-a.pth"]
+    assert sorted(store._list_names()) == ["a.pth", MANIFEST_NAME, "tmp_user_file"]
+
+
+@pytest.mark.parametrize("name", ["../escape.pth", "a/b.pth", "..", ".", "", "x\x00y", "..\\x.pth"])
+def test_names_cannot_escape_the_directory(store_url: str, name: str) -> None:
+    store = CheckpointStore(store_url)
+    with pytest.raises(ValueError, match="invalid checkpoint file name"):
+        store.save(name, state(0))
+
+
+def test_reserved_names_are_refused(store_url: str) -> None:
+    store = CheckpointStore(store_url)
+    with pytest.raises(ValueError, match="reserved"):
+        store.save(MANIFEST_NAME, state(0))
+
+
+def test_url_for_keeps_the_protocol(store_url: str) -> None:
+    store = CheckpointStore(store_url)
+    url = store.url_for("a.pth")
+    assert url.endswith("/a.pth")
+    if "://" in store_url:
+        assert url.startswith(store_url.split("://")[0] + "://")
+
+
+def test_unsafe_pickle_is_refused(store_url: str, tmp_path) -> None:
+    store = CheckpointStore(store_url)
+    marker = tmp_path / "pwned"
+    store.save("evil.pth", {"x": Exploit(str(marker))}, embed_metadata=False)
+    from lightning_genesis_ckpt import UnsafeCheckpointError
+
+    with pytest.raises(UnsafeCheckpointError, match="trusted=True"):
+        store.load("evil.pth")
+    assert not marker.exists()
+
+
+class Exploit:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))

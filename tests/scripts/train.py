@@ -1,0 +1,72 @@
+"""Train TinyModel with GenesisCheckpoint in its own process; used by the signal and crash tests.
+
+Prints one JSON line prefixed with RESULT: when fit returns normally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import pytorch_lightning as pl
+from models import SIGNALS, RaiseAt, SignalAt, TinyModel, loaders, make_trainer
+
+from lightning_genesis_ckpt import GenesisCheckpoint
+
+
+def weights_digest(model: pl.LightningModule) -> str:
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("dirpath")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--signal", choices=sorted(SIGNALS))
+    p.add_argument("--raise-at", action="store_true")
+    p.add_argument("--at-epoch", type=int, default=1)
+    p.add_argument("--at-batch", type=int, default=3)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=32)
+    args = p.parse_args()
+
+    pl.seed_everything(0)
+    model = TinyModel(hidden=args.hidden, width=args.width)
+    train, val = loaders(width=args.width)
+    callbacks: list[pl.Callback] = [GenesisCheckpoint(args.dirpath, monitor="val_loss")]
+    if args.signal:
+        callbacks.append(SignalAt(args.at_epoch, args.at_batch, SIGNALS[args.signal]))
+    if args.raise_at:
+        callbacks.append(RaiseAt(args.at_epoch, args.at_batch))
+    trainer = make_trainer(callbacks, args.epochs)
+    trainer.fit(model, train, val)
+    ckpt = callbacks[0]
+    assert isinstance(ckpt, GenesisCheckpoint)
+    resumed = ckpt.resumed_from
+    print(
+        "RESULT:"
+        + json.dumps(
+            {
+                "digest": weights_digest(model),
+                "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step,
+                "resumed_from": None if resumed is None else resumed.name,
+                "resumed_step": None if resumed is None else resumed.global_step,
+                "interrupted": trainer.interrupted,
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lightning_genesis_ckpt import CheckpointRecord, Manifest, ManifestError
+from lightning_genesis_ckpt.manifest import epoch_name, epoch_of_name, role_of_name
+
+
+def rec(name: str, seq: int, **kw) -> CheckpointRecord:
+    return CheckpointRecord(
+        name=name, role=role_of_name(name), size=10, checksum="crc32:00000000", created=1.0, seq=seq, **kw
+    )
+
+
+def test_roundtrip_keeps_every_field() -> None:
+    m = Manifest().with_record(
+        rec(
+            "checkpoint_epoch_2.pth",
+            3,
+            epoch=2,
+            global_step=20,
+            metrics={"val_loss": 0.25},
+            versions={"torch": "2.13.0"},
+            monitor="val_loss",
+        )
+    )
+    m = m.with_record(rec("best_model.pth", 4, epoch=2))
+    back = Manifest.decode(m.encode(), "m.json")
+    assert back == m
+    assert back.next_seq == 5
+
+
+def test_without_and_next_seq_never_reused() -> None:
+    m = Manifest().with_record(rec("a.pth", 1)).with_record(rec("b.pth", 2))
+    m2 = m.without(["b.pth"])
+    assert list(m2.records) == ["a.pth"] and m2.next_seq == 3
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[1, 2", "not valid JSON"),
+        (b'{"format": "something-else"}', "not a lightning-genesis-ckpt manifest"),
+        (
+            json.dumps({"format": "lightning-genesis-ckpt/manifest", "version": "1"}).encode(),
+            "invalid format",
+        ),
+        (
+            json.dumps(
+                {"format": "lightning-genesis-ckpt/manifest", "version": 1, "checkpoints": [{"name": "x"}]}
+            ).encode(),
+            "malformed record",
+        ),
+    ],
+)
+def test_bad_manifests_raise_naming_the_file(data: bytes, match: str) -> None:
+    with pytest.raises(ManifestError, match=match) as info:
+        Manifest.decode(data, "dir/genesis_manifest.json")
+    assert "dir/genesis_manifest.json" in str(info.value)
+    assert not info.value.newer_format
+
+
+def test_newer_version_is_flagged() -> None:
+    data = json.dumps({"format": "lightning-genesis-ckpt/manifest", "version": 2, "checkpoints": []}).encode()
+    with pytest.raises(ManifestError, match="upgrade") as info:
+        Manifest.decode(data, "m.json")
+    assert info.value.newer_format
+
+
+@pytest.mark.parametrize(
+    ("name", "epoch", "role"),
+    [
+        ("checkpoint_epoch_0.pth", 0, "epoch"),
+        ("checkpoint_epoch_123.pth", 123, "epoch"),
+        ("checkpoint_epoch_x.pth", None, "manual"),
+        ("checkpoint_epoch_1.pth.bak", None, "manual"),
+        ("best_model.pth", None, "best"),
+        ("interrupt_checkpoint.pth", None, "interrupt"),
+    ],
+)
+def test_names(name: str, epoch: int | None, role: str) -> None:
+    assert epoch_of_name(name) == epoch
+    assert role_of_name(name) == role
+    if epoch is not None:
+        assert epoch_name(epoch) == name
