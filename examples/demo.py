@@ -79,7 +79,9 @@ def worker(dirpath: str, interrupt: bool) -> None:
     )
     trainer.fit(model := Regressor(), train, val)
     digest = sum(float(p.double().sum()) for p in model.parameters())
-    print(f"--> finished: epoch {trainer.current_epoch}, step {trainer.global_step}, weight checksum {digest:.10f}")
+    print(
+        f"--> finished: epoch {trainer.current_epoch}, step {trainer.global_step}, weight checksum {digest:.10f}"
+    )
 
 
 def table(dirpath: str) -> str:
@@ -90,11 +92,18 @@ def table(dirpath: str) -> str:
     for r in store.records():
         loss = r.metrics.get("val_loss")
         rows.append(
-            (r.name, r.role, str(r.epoch), str(r.global_step), "-" if loss is None else f"{loss:.4f}",
-             f"{r.size / 1024:.1f} KiB", r.checksum)
+            (
+                r.name,
+                r.role,
+                str(r.epoch),
+                str(r.global_step),
+                "-" if loss is None else f"{loss:.4f}",
+                f"{r.size / 1024:.1f} KiB",
+                r.checksum,
+            )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
 
 
 def main() -> None:
