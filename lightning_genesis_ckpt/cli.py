@@ -1,0 +1,324 @@
+"""``genesis-ckpt``: look after a checkpoint directory from the shell (any fsspec URL).
+
+Exit codes: 0 success, 1 a checkpoint is corrupt or missing (``verify``), 2 a user error (bad URL, missing
+directory, unreadable file). User errors print one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .errors import GenesisCheckpointError
+from .manifest import CheckpointRecord
+from .resume import resolve
+from .retention import KeepBestK, KeepLastN, rolling_to_delete
+from .store import CheckpointStore
+
+PROG = "genesis-ckpt"
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; printed as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _storage_options(pairs: Sequence[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--storage-option expects key=value, got {pair!r}")
+        try:
+            options[key] = json.loads(raw)  # numbers, booleans, nested dicts (client_kwargs={...})
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+def _open_store(url: str, options: dict[str, Any], *, must_exist: bool = True) -> CheckpointStore:
+    try:
+        store = CheckpointStore(url, options, verbose=False)
+    except (ValueError, ImportError) as e:
+        raise UserError(f"cannot open {url!r}: {e}") from e
+    if must_exist and not store.fs.isdir(store.root):
+        raise UserError(f"{url!r} is not a directory")
+    return store
+
+
+def _split_file(url: str) -> tuple[str, str]:
+    head, sep, name = url.rstrip("/").rpartition("/")
+    if not sep:
+        return ".", name
+    return (head or "/"), name
+
+
+def _target(url: str, options: dict[str, Any]) -> tuple[CheckpointStore, str | None]:
+    """A directory gives (store, None); a file gives (its directory's store, its name)."""
+    store = _open_store(url, options, must_exist=False)
+    if store.fs.isdir(store.root):
+        return store, None
+    if not store.fs.exists(store.root):
+        raise UserError(f"{url!r} does not exist")
+    directory, name = _split_file(url)
+    return _open_store(directory, options), name
+
+
+def _age(created: float) -> str:
+    seconds = max(0.0, time.time() - created)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _status(store: CheckpointStore, record: CheckpointRecord, checksums: bool) -> str:
+    try:
+        if checksums:
+            store.verify(record.name)
+        elif store.fs.size(store.path(record.name)) != record.size:
+            return "corrupt"
+    except FileNotFoundError:
+        return "missing"
+    except GenesisCheckpointError:
+        return "corrupt"
+    return "ok"
+
+
+def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+    print(json.dumps(payload, indent=1, sort_keys=True) if args.json else text)
+
+
+# ----------------------------------------------------------------------------------------- commands
+def cmd_ls(args: argparse.Namespace) -> int:
+    store = _open_store(args.dir, args.options)
+    records = store.records()
+    rows = []
+    for r in records:
+        rows.append({**r.to_json(), "status": _status(store, r, args.verify)})
+    if not rows:
+        _emit(args, [], f"no committed checkpoints in {args.dir}")
+        return 0
+    table = [["name", "role", "epoch", "step", "metric", "size", "age", "status"]]
+    for r, row in zip(records, rows, strict=True):
+        value = r.metric()
+        metric = "-" if value is None else f"{r.monitor}={value:.4g}"
+        table.append(
+            [
+                r.name,
+                r.role,
+                str(r.epoch),
+                str(r.global_step),
+                metric,
+                _size(r.size),
+                _age(r.created),
+                row["status"],
+            ]
+        )
+    _emit(args, rows, _table(table))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store, name = _target(args.path, args.options)
+    names = [name] if name is not None else [r.name for r in store.records()]
+    results = []
+    for n in names:
+        try:
+            if n in store.manifest().records:
+                store.verify(n)
+                results.append({"name": n, "status": "ok", "detail": "checksum matches the manifest"})
+            else:
+                # A file the manifest does not list: the best we can do is prove that it loads.
+                store.load(n, verify=False)
+                results.append({"name": n, "status": "ok", "detail": "loads (no manifest checksum)"})
+        except FileNotFoundError as e:
+            results.append({"name": n, "status": "missing", "detail": str(e)})
+        except GenesisCheckpointError as e:
+            results.append({"name": n, "status": "corrupt", "detail": str(e)})
+    bad = [r for r in results if r["status"] != "ok"]
+    lines = [f"{r['status']:8} {r['name']}: {r['detail']}" for r in results]
+    lines.append(f"{len(results) - len(bad)} ok, {len(bad)} bad" if results else "nothing to verify")
+    _emit(args, results, "\n".join(lines))
+    return 1 if bad else 0
+
+
+def _describe(obj: Any) -> dict[str, Any]:
+    tensors = 0
+    nbytes = 0
+
+    def walk(x: Any) -> None:
+        nonlocal tensors, nbytes
+        if isinstance(x, torch.Tensor):
+            tensors += 1
+            nbytes += x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(obj)
+    info: dict[str, Any] = {"type": type(obj).__name__, "tensors": tensors, "tensor_bytes": nbytes}
+    if isinstance(obj, dict):
+        info["keys"] = sorted(map(str, obj))
+        meta = obj.get("genesis_ckpt")
+        info["versions"] = dict(meta.get("versions", {})) if isinstance(meta, dict) else {}
+        if "pytorch-lightning_version" in obj:
+            info["versions"].setdefault("lightning", obj["pytorch-lightning_version"])
+        for key in ("epoch", "global_step"):
+            if key in obj:
+                info[key] = obj[key]
+        hp = obj.get("hyper_parameters")
+        info["hparams"] = {str(k): repr(v) for k, v in hp.items()} if isinstance(hp, dict) else None
+        callbacks = obj.get("callbacks")
+        info["rng"] = isinstance(callbacks, dict) and any(
+            isinstance(v, dict) and "rng" in v for v in callbacks.values()
+        )
+    return info
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    store, name = _target(args.file, args.options)
+    if name is None:
+        raise UserError(f"{args.file!r} is a directory; inspect takes a checkpoint file")
+    obj = store.load(name, trusted=args.trusted)
+    info = {"file": store.url_for(name), **_describe(obj)}
+    lines = [f"{k}: {v}" for k, v in info.items() if k not in ("keys", "hparams")]
+    if "keys" in info:
+        lines.append("keys: " + ", ".join(info["keys"]))
+    if info.get("hparams"):
+        lines.append("hparams: " + ", ".join(f"{k}={v}" for k, v in info["hparams"].items()))
+    _emit(args, info, "\n".join(lines))
+    return 0
+
+
+def cmd_resume_path(args: argparse.Namespace) -> int:
+    store = _open_store(args.dir, args.options)
+    found = resolve(store, load=False)
+    rec = found.record
+    payload = {
+        "path": None if rec is None else store.url_for(rec.name),
+        "record": None if rec is None else rec.to_json(),
+        "skipped": [{"name": n, "reason": why} for n, why in found.skipped],
+    }
+    lines = [f"skipped {n}: {why}" for n, why in found.skipped]
+    if rec is None:
+        lines.append("auto-resume would start from scratch: no valid checkpoint")
+    else:
+        lines.append(
+            f"auto-resume would use {store.url_for(rec.name)} "
+            f"({rec.role}, epoch {rec.epoch}, step {rec.global_step}; newest valid by step, checksum verified)"
+        )
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    store = _open_store(args.dir, args.options)
+    records = store.records()
+    monitors = {r.monitor for r in records if r.role == "epoch" and r.monitor}
+    monitor = args.monitor or (monitors.pop() if len(monitors) == 1 else None)
+    if args.keep_best and monitor is None:
+        raise UserError("--keep-best needs a metric: the records name none (or several); pass --monitor")
+    doomed = rolling_to_delete(
+        records, (KeepLastN(args.keep_last), KeepBestK(args.keep_best, monitor, args.mode))
+    )
+    if not args.dry_run:
+        store.delete(doomed)
+    verb = "would remove" if args.dry_run else "removed"
+    _emit(
+        args,
+        {"dry_run": args.dry_run, "removed": doomed},
+        f"{verb} {len(doomed)} checkpoint(s)" + (": " + ", ".join(doomed) if doomed else ""),
+    )
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``genesis-ckpt``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--storage-option",
+        "-o",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec storage option (repeatable); VALUE is parsed as JSON when it can be",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Inspect and maintain lightning-genesis-ckpt stores."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ls", parents=[common], help="list committed checkpoints")
+    p.add_argument("dir")
+    p.add_argument("--verify", action="store_true", help="verify checksums too (reads every file)")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("verify", parents=[common], help="verify checksums; exit 1 if anything is corrupt")
+    p.add_argument("path", help="a store directory or one checkpoint file")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("inspect", parents=[common], help="describe one checkpoint file")
+    p.add_argument("file")
+    p.add_argument("--trusted", action="store_true", help="allow full pickle (only for files you trust)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "resume-path", parents=[common], help="which checkpoint auto-resume would pick, and why"
+    )
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_resume_path)
+
+    p = sub.add_parser("prune", parents=[common], help="delete rolling checkpoints beyond a retention policy")
+    p.add_argument("dir")
+    p.add_argument("--keep-last", type=int, required=True)
+    p.add_argument("--keep-best", type=int, default=0)
+    p.add_argument("--monitor", help="metric for --keep-best (default: the one the records name)")
+    p.add_argument("--mode", choices=["min", "max"], default="min")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=cmd_prune)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "keep_last", 1) < 1 or getattr(args, "keep_best", 0) < 0:
+        parser.error("--keep-last must be at least 1 and --keep-best at least 0")
+    try:
+        args.options = _storage_options(args.storage_option)
+        return int(args.func(args))
+    except UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, GenesisCheckpointError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,146 @@
+"""The genesis-ckpt CLI, run as a real subprocess (python -m lightning_genesis_ckpt)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_genesis_ckpt import CheckpointStore
+from lightning_genesis_ckpt.manifest import epoch_name
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_genesis_ckpt", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cli") / "ck"
+    store = CheckpointStore(str(d), verbose=False)
+    for epoch, loss in enumerate([0.5, 0.2, 0.4, 0.3]):
+        state = {
+            "state_dict": {"w": torch.full((4,), float(epoch))},
+            "loops": {},
+            "optimizer_states": [],
+            "lr_schedulers": [],
+            "hyper_parameters": {"lr": 0.1},
+        }
+        store.save(
+            epoch_name(epoch),
+            state,
+            role="epoch",
+            epoch=epoch,
+            global_step=10 * (epoch + 1),
+            metrics={"val_loss": loss},
+            monitor="val_loss",
+        )
+    store.copy(epoch_name(1), "best_model.pth")
+    return d
+
+
+def test_ls_table_and_json(store_dir: Path) -> None:
+    out = cli("ls", str(store_dir))
+    assert out.returncode == 0, out.stderr
+    header, *rows = out.stdout.splitlines()
+    assert header.split() == ["name", "role", "epoch", "step", "metric", "size", "age", "status"]
+    assert [r.split()[0] for r in rows] == [epoch_name(i) for i in range(4)] + ["best_model.pth"]
+    assert all(r.split()[-1] == "ok" for r in rows)
+    data = json.loads(cli("ls", str(store_dir), "--json").stdout)
+    assert data[-1]["name"] == "best_model.pth" and data[-1]["metrics"] == {"val_loss": 0.2}
+
+
+def test_verify_reports_corruption_with_exit_1(tmp_path: Path, store_dir: Path) -> None:
+    assert cli("verify", str(store_dir)).returncode == 0
+    d = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(store_dir, d)
+    with open(d / epoch_name(2), "r+b") as f:
+        f.seek(80)
+        f.write(b"\xff\xff")
+    out = cli("verify", str(d))
+    assert out.returncode == 1
+    assert f"corrupt  {epoch_name(2)}" in out.stdout and "4 ok, 1 bad" in out.stdout
+    one = cli("verify", str(d / epoch_name(2)), "--json")
+    assert one.returncode == 1 and json.loads(one.stdout)[0]["status"] == "corrupt"
+    ls = cli("ls", str(d), "--verify", "--json")
+    assert {r["name"]: r["status"] for r in json.loads(ls.stdout)}[epoch_name(2)] == "corrupt"
+    os.remove(d / epoch_name(3))
+    assert {r["name"]: r["status"] for r in json.loads(cli("ls", str(d), "--json").stdout)}[
+        epoch_name(3)
+    ] == "missing"
+
+
+def test_inspect(store_dir: Path) -> None:
+    out = cli("inspect", str(store_dir / "best_model.pth"), "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["tensors"] == 1 and info["tensor_bytes"] == 16
+    assert info["hparams"] == {"lr": "0.1"} and info["rng"] is False
+    assert "torch" in info["versions"]
+
+
+def test_resume_path_explains_skips(tmp_path: Path, store_dir: Path) -> None:
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(store_dir, d)
+    os.truncate(d / epoch_name(3), 50)
+    out = cli("resume-path", str(d))
+    assert out.returncode == 0, out.stderr
+    assert f"skipped {epoch_name(3)}" in out.stdout
+    assert f"would use {d / 'best_model.pth'}" in out.stdout or f"would use {d / epoch_name(2)}" in out.stdout
+    data = json.loads(cli("resume-path", str(d), "--json").stdout)
+    assert data["path"] == str(d / epoch_name(2)) and data["skipped"][0]["name"] == epoch_name(3)
+
+
+def test_prune_dry_run_then_real(tmp_path: Path, store_dir: Path) -> None:
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(store_dir, d)
+    dry = cli("prune", str(d), "--keep-last", "1", "--keep-best", "1", "--dry-run", "--json")
+    assert json.loads(dry.stdout) == {"dry_run": True, "removed": [epoch_name(0), epoch_name(2)]}
+    assert (d / epoch_name(0)).exists()
+    real = cli("prune", str(d), "--keep-last", "1", "--keep-best", "1")
+    assert real.returncode == 0 and "removed 2" in real.stdout
+    assert sorted(p.name for p in d.glob("*.pth")) == sorted(["best_model.pth", epoch_name(1), epoch_name(3)])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("ls", "/definitely/not/here"), "is not a directory"),
+        (("verify", "/definitely/not/here"), "does not exist"),
+        (("ls", "nosuchprotocol://bucket/x"), "cannot open"),
+        (("ls", "x", "--storage-option", "novalue"), "key=value"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(args: tuple[str, ...], message: str) -> None:
+    out = cli(*args)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_of_garbage_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(os.urandom(1000))
+    out = cli("inspect", str(bad))
+    assert out.returncode == 2 and "bad.pth" in out.stderr and "corrupt" in out.stderr
+    assert "Traceback" not in out.stderr
