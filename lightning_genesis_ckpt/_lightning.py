@@ -10,33 +10,51 @@ fails loudly, and the test suite checks it, if a Lightning upgrade moves them.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
-try:  # the standalone package first: it is this library's declared dependency
-    import pytorch_lightning as pl
-    from pytorch_lightning.utilities.migration.utils import _pl_migrate_checkpoint
-    from pytorch_lightning.utilities.rank_zero import rank_zero_only
-except ImportError:  # pragma: no cover - exercised only where just the unified package is installed
-    import lightning.pytorch as pl  # type: ignore[no-redef]
-    from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint  # type: ignore[no-redef]
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only  # type: ignore[no-redef]
+# Lightning ships twice: ``pytorch_lightning`` and ``lightning.pytorch`` (the unified package). Their classes
+# are distinct, and each Trainer only accepts callbacks derived from its own ``Callback``. Our callback
+# derives from the ``Checkpoint`` class of every flavour that is installed, so one object works with both.
+_FLAVOURS: dict[str, ModuleType] = {}
+for _name in ("pytorch_lightning", "lightning.pytorch"):
+    with contextlib.suppress(ImportError):
+        _FLAVOURS[_name] = importlib.import_module(_name)
+if not _FLAVOURS:  # pragma: no cover - the package depends on pytorch-lightning
+    raise ImportError("lightning-genesis-ckpt needs pytorch-lightning (or the unified lightning package)")
 
-Trainer = pl.Trainer
-LightningModule = pl.LightningModule
-Callback = pl.Callback
-LIGHTNING_VERSION: str = pl.__version__
+CHECKPOINT_BASES: tuple[type, ...] = tuple(
+    importlib.import_module(f"{name}.callbacks").Checkpoint for name in _FLAVOURS
+)
+LIGHTNING_VERSION: str = next(iter(_FLAVOURS.values())).__version__
 
 __all__ = [
+    "CHECKPOINT_BASES",
     "LIGHTNING_VERSION",
-    "Callback",
-    "LightningModule",
-    "Trainer",
     "check_compatibility",
     "dump_checkpoint",
     "install_resume_hook",
-    "rank_zero_only",
+    "lightning_version_of",
 ]
+
+
+def _flavour_of(trainer: Any) -> str:
+    module = type(trainer).__module__
+    return "lightning.pytorch" if module.startswith("lightning.") else "pytorch_lightning"
+
+
+def lightning_version_of(trainer: Any) -> str:
+    """The version of the Lightning flavour ``trainer`` comes from."""
+    return str(_FLAVOURS[_flavour_of(trainer)].__version__)
+
+
+def _migrate(trainer: Any, checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
+    utils = importlib.import_module(f"{_flavour_of(trainer)}.utilities.migration.utils")
+    migrated: dict[str, Any] = utils._pl_migrate_checkpoint(checkpoint, path)
+    return migrated
 
 
 def check_compatibility(trainer: Any) -> None:
@@ -49,7 +67,7 @@ def check_compatibility(trainer: Any) -> None:
     ]
     if missing:
         raise RuntimeError(
-            f"lightning-genesis-ckpt does not support Lightning {LIGHTNING_VERSION}: the trainer's checkpoint "
+            f"lightning-genesis-ckpt does not support Lightning {lightning_version_of(trainer)}: the trainer's checkpoint "
             f"connector lacks {', '.join(missing)}. Please report this with your Lightning version."
         )
 
@@ -83,7 +101,7 @@ def install_resume_hook(
             return
         path, checkpoint = found
         connector._ckpt_path = path
-        connector._loaded_checkpoint = _pl_migrate_checkpoint(checkpoint, path)
+        connector._loaded_checkpoint = _migrate(trainer, checkpoint, path)
 
     connector.resume_start = resume_start
 

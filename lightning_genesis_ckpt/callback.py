@@ -5,22 +5,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import rng
-from ._lightning import check_compatibility, dump_checkpoint, install_resume_hook
+from ._lightning import CHECKPOINT_BASES, check_compatibility, dump_checkpoint, install_resume_hook
 from .errors import MonitorNotFoundError
 from .manifest import BEST_NAME, INTERRUPT_NAME, CheckpointRecord, epoch_name
 from .resume import resolve
 from .retention import EveryNEpochs, KeepBestK, KeepLastN, Mode, is_better, rolling_to_delete
 from .store import CheckpointStore
 
-try:
-    from pytorch_lightning.callbacks import Checkpoint
-except ImportError:  # pragma: no cover - only the unified package installed
-    from lightning.pytorch.callbacks import Checkpoint  # type: ignore[no-redef]
+if TYPE_CHECKING:
+    from pytorch_lightning.callbacks import Checkpoint as _CheckpointBase
+else:
+    # Every installed Lightning flavour's Checkpoint: see _lightning.CHECKPOINT_BASES.
+    _CheckpointBase = type("_CheckpointBase", CHECKPOINT_BASES, {})
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,15 @@ def _validate_training_checkpoint(checkpoint: Any) -> str | None:
     return None
 
 
-class GenesisCheckpoint(Checkpoint):
+class GenesisCheckpoint(_CheckpointBase):
     """Atomic, checksummed checkpoints on any fsspec URL, with exact auto-resume and interrupt snapshots.
 
     Files in ``dirpath``: ``checkpoint_epoch_{epoch}.pth`` (the newest ``keep_last`` are kept),
     ``best_model.pth`` (best by ``monitor``/``mode``), ``interrupt_checkpoint.pth`` (Ctrl+C, SIGTERM or a
     crash inside ``fit``), and ``genesis_manifest.json``. Every file is a standard Lightning checkpoint plus
     the global RNG states, loadable with ``torch.load(weights_only=True)``.
+
+    It works with ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer`` alike.
 
     Args:
         dirpath: directory path or fsspec URL (``memory://...``, ``s3://bucket/prefix``...).

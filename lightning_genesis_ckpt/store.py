@@ -35,12 +35,12 @@ def library_versions() -> dict[str, str]:
     import torch
 
     out = {"torch": str(torch.__version__)}
-    for dist, key in (
-        ("lightning-genesis-ckpt", "lightning_genesis_ckpt"),
-        ("pytorch-lightning", "lightning"),
-    ):
+    with contextlib.suppress(PackageNotFoundError):
+        out["lightning_genesis_ckpt"] = version("lightning-genesis-ckpt")
+    for dist in ("pytorch-lightning", "lightning"):  # whichever flavour is installed
         with contextlib.suppress(PackageNotFoundError):
-            out[key] = version(dist)
+            out["lightning"] = version(dist)
+            break
     return out
 
 

@@ -1,42 +1,25 @@
-"""A small deterministic Lightning setup shared by the tests and the subprocess scripts they launch."""
+"""A small deterministic Lightning setup shared by the tests and the subprocess scripts they launch.
+
+Everything is built per Lightning flavour (``pytorch_lightning`` and the unified ``lightning.pytorch``): a
+Trainer only accepts modules and callbacks of its own flavour. Module-level names are the
+``pytorch_lightning`` ones; ``flavour("lightning.pytorch")`` gives the other set.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import signal
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-from pytorch_lightning import Callback, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-
-class TinyModel(LightningModule):
-    """MLP with dropout, AdamW and StepLR: every source of randomness a resume must reproduce."""
-
-    def __init__(self, hidden: int = 32, lr: float = 0.01, width: int = 16) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = nn.functional.mse_loss(self(x), y)
-        self.log("train_loss", loss, on_epoch=True, on_step=False)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("val_loss", nn.functional.mse_loss(self(x), y))
-
-    def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
-        return {"optimizer": opt, "lr_scheduler": sched}
+FLAVOURS = ("pytorch_lightning", "lightning.pytorch")
+SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
 
 
 def make_data(n: int = 256, width: int = 16, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
@@ -52,51 +35,86 @@ def loaders(batch_size: int = 16, **kw: Any) -> tuple[DataLoader, DataLoader]:
     return DataLoader(train, batch_size=batch_size, shuffle=True), DataLoader(val, batch_size=batch_size)
 
 
-def make_trainer(callbacks: list[Callback], max_epochs: int, **kw: Any) -> Trainer:
-    return Trainer(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        **kw,
+@functools.cache
+def flavour(name: str = "pytorch_lightning") -> SimpleNamespace:
+    """TinyModel, make_trainer, SignalAt and RaiseAt for one Lightning flavour."""
+    pl = importlib.import_module(name)
+
+    class TinyModel(pl.LightningModule):
+        """MLP with dropout, AdamW and StepLR: every source of randomness a resume must reproduce."""
+
+        def __init__(self, hidden: int = 32, lr: float = 0.01, width: int = 16) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = nn.Sequential(
+                nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 1)
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = nn.functional.mse_loss(self(x), y)
+            self.log("train_loss", loss, on_epoch=True, on_step=False)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            self.log("val_loss", nn.functional.mse_loss(self(x), y))
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+            return {"optimizer": opt, "lr_scheduler": sched}
+
+    def make_trainer(callbacks: list[Any], max_epochs: int, **kw: Any) -> Any:
+        return pl.Trainer(
+            max_epochs=max_epochs,
+            accelerator="cpu",
+            devices=1,
+            callbacks=callbacks,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            deterministic=True,
+            **kw,
+        )
+
+    class SignalAt(pl.Callback):
+        """Sends ``signum`` to this process at (epoch, batch): a real signal through the real handlers.
+
+        ``batch=-1`` sends it at the end of the epoch instead, once its last batch is done.
+        """
+
+        def __init__(self, epoch: int, batch: int, signum: int) -> None:
+            self.epoch, self.batch, self.signum = epoch, batch, signum
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+                os.kill(os.getpid(), self.signum)
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.current_epoch == self.epoch and self.batch == -1:
+                os.kill(os.getpid(), self.signum)
+
+    class RaiseAt(pl.Callback):
+        """Raises ``RuntimeError`` at (epoch, batch), like a bug in user code."""
+
+        def __init__(self, epoch: int, batch: int) -> None:
+            self.epoch, self.batch = epoch, batch
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+                raise RuntimeError(f"injected failure at epoch {self.epoch} batch {self.batch}")
+
+    return SimpleNamespace(
+        pl=pl, TinyModel=TinyModel, make_trainer=make_trainer, SignalAt=SignalAt, RaiseAt=RaiseAt
     )
 
 
-class SignalAt(Callback):
-    """Sends ``signum`` to this process at (epoch, batch): a real signal through the real handlers.
-
-    ``batch=-1`` sends it at the end of the epoch instead, once its last batch is done.
-    """
-
-    def __init__(self, epoch: int, batch: int, signum: int) -> None:
-        self.epoch, self.batch, self.signum = epoch, batch, signum
-
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            os.kill(os.getpid(), self.signum)
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.current_epoch == self.epoch and self.batch == -1:
-            os.kill(os.getpid(), self.signum)
-
-
-class RaiseAt(Callback):
-    """Raises ``RuntimeError`` at (epoch, batch), like a bug in user code."""
-
-    def __init__(self, epoch: int, batch: int) -> None:
-        self.epoch, self.batch = epoch, batch
-
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            raise RuntimeError(f"injected failure at epoch {self.epoch} batch {self.batch}")
-
-
-SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
+_default = flavour()
+TinyModel = _default.TinyModel
+make_trainer = _default.make_trainer
+SignalAt = _default.SignalAt
+RaiseAt = _default.RaiseAt

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from models import RaiseAt, TinyModel, loaders, make_trainer
+from models import FLAVOURS, RaiseAt, TinyModel, flavour, loaders, make_trainer
 
 from lightning_genesis_ckpt import CheckpointStore, GenesisCheckpoint, MonitorNotFoundError
 
@@ -25,13 +25,15 @@ def fit(
     seed: int = 0,
     extra: list[pl.Callback] | None = None,
     ckpt_path: str | None = None,
+    lightning: str = "pytorch_lightning",
     **cb_kwargs: Any,
 ):
-    pl.seed_everything(seed)
-    model = model or TinyModel()
+    f = flavour(lightning)
+    f.pl.seed_everything(seed)
+    model = model or f.TinyModel()
     train, val = loaders()
     cb = GenesisCheckpoint(dirpath, **cb_kwargs)
-    trainer = make_trainer([cb, *(extra or [])], epochs)
+    trainer = f.make_trainer([cb, *(extra or [])], epochs)
     trainer.fit(model, train, val, ckpt_path=ckpt_path)
     return model, trainer, cb
 
@@ -55,6 +57,20 @@ def test_resume_is_bit_exact(store_url: str, tmp_path: Path) -> None:
     assert_bit_identical(weights(straight), weights(resumed))
     # The optimizer and scheduler states came back too, not just the weights.
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4
+
+
+@pytest.mark.parametrize("lightning", FLAVOURS)
+def test_both_lightning_packages(tmp_path: Path, lightning: str) -> None:
+    """One GenesisCheckpoint class works with pytorch_lightning.Trainer and lightning.pytorch.Trainer."""
+    straight, _, _ = fit(str(tmp_path / "straight"), 3, lightning=lightning)
+    d = str(tmp_path / "ck")
+    fit(d, 1, lightning=lightning, monitor="val_loss")
+    resumed, trainer, cb = fit(d, 3, lightning=lightning, monitor="val_loss")
+    assert type(trainer).__module__.startswith(lightning)
+    assert cb.resumed_from is not None and cb.resumed_from.epoch == 0
+    assert_bit_identical(weights(straight), weights(resumed))
+    loaded = flavour(lightning).TinyModel.load_from_checkpoint(os.path.join(d, "best_model.pth"))
+    assert loaded.hparams.hidden == 32
 
 
 def test_files_are_standard_lightning_checkpoints(tmp_path: Path) -> None:

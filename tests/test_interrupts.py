@@ -12,10 +12,19 @@ from lightning_genesis_ckpt import CheckpointStore
 STEPS_PER_EPOCH = 12
 
 
-@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "exception"])
-def test_interrupt_mid_epoch_snapshot_then_resume(tmp_path: Path, how: str) -> None:
+@pytest.mark.parametrize(
+    ("how", "lightning"),
+    [
+        ("SIGINT", "pytorch_lightning"),
+        ("SIGTERM", "pytorch_lightning"),
+        ("exception", "pytorch_lightning"),
+        ("SIGTERM", "lightning.pytorch"),
+    ],
+)
+def test_interrupt_mid_epoch_snapshot_then_resume(tmp_path: Path, how: str, lightning: str) -> None:
     d = str(tmp_path / "ck")
     trigger = ["--raise-at"] if how == "exception" else ["--signal", how]
+    trigger += ["--flavour", lightning]
     first = train(d, "--epochs", "4", *trigger, "--at-epoch", "2", "--at-batch", "5", check=False)
     # Lightning turns SIGTERM into SIGTERMException, a SystemExit without a code: that process exits 0.
     assert first.returncode != 0 or how == "SIGTERM", first.stdout + first.stderr
@@ -35,7 +44,7 @@ def test_interrupt_mid_epoch_snapshot_then_resume(tmp_path: Path, how: str) -> N
     ]
     store.verify("interrupt_checkpoint.pth")
 
-    second = result_of(train(d, "--epochs", "4"))
+    second = result_of(train(d, "--epochs", "4", "--flavour", lightning))
     assert second["resumed_from"] == "interrupt_checkpoint.pth"
     assert second["resumed_step"] == snap.global_step  # finished epochs were not redone
     assert second["global_step"] == 4 * STEPS_PER_EPOCH and second["epoch"] == 4

@@ -10,16 +10,16 @@ import hashlib
 import json
 import os
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import pytorch_lightning as pl
-from models import SIGNALS, RaiseAt, SignalAt, TinyModel, loaders, make_trainer
+from models import FLAVOURS, SIGNALS, flavour, loaders
 
 from lightning_genesis_ckpt import GenesisCheckpoint
 
 
-def weights_digest(model: pl.LightningModule) -> str:
+def weights_digest(model: Any) -> str:
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())
@@ -37,17 +37,19 @@ def main() -> None:
     p.add_argument("--at-batch", type=int, default=3)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--flavour", choices=FLAVOURS, default="pytorch_lightning")
     args = p.parse_args()
 
-    pl.seed_everything(0)
-    model = TinyModel(hidden=args.hidden, width=args.width)
+    f = flavour(args.flavour)
+    f.pl.seed_everything(0)
+    model = f.TinyModel(hidden=args.hidden, width=args.width)
     train, val = loaders(width=args.width)
-    callbacks: list[pl.Callback] = [GenesisCheckpoint(args.dirpath, monitor="val_loss")]
+    callbacks: list[Any] = [GenesisCheckpoint(args.dirpath, monitor="val_loss")]
     if args.signal:
-        callbacks.append(SignalAt(args.at_epoch, args.at_batch, SIGNALS[args.signal]))
+        callbacks.append(f.SignalAt(args.at_epoch, args.at_batch, SIGNALS[args.signal]))
     if args.raise_at:
-        callbacks.append(RaiseAt(args.at_epoch, args.at_batch))
-    trainer = make_trainer(callbacks, args.epochs)
+        callbacks.append(f.RaiseAt(args.at_epoch, args.at_batch))
+    trainer = f.make_trainer(callbacks, args.epochs)
     trainer.fit(model, train, val)
     ckpt = callbacks[0]
     assert isinstance(ckpt, GenesisCheckpoint)
