@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ from .errors import MonitorNotFoundError
 from .manifest import BEST_NAME, INTERRUPT_NAME, CheckpointRecord, epoch_name
 from .resume import resolve
 from .retention import EveryNEpochs, KeepBestK, KeepLastN, Mode, is_better, rolling_to_delete
-from .store import CheckpointStore
+from .store import CheckpointStore, human_size
 
 if TYPE_CHECKING:
     from pytorch_lightning.callbacks import Checkpoint as _CheckpointBase
@@ -139,17 +140,21 @@ class GenesisCheckpoint(_CheckpointBase):
             self._uninstall_resume_hook = None
 
     def _resolve_resume(self) -> tuple[str, dict[str, Any]] | None:
+        start = time.perf_counter()
         found = resolve(self.store, trusted=self.trusted, validate=_validate_training_checkpoint)
         if found.record is None:
             return None
         rec = found.record
         self.resumed_from = rec
         if self.verbose:
+            elapsed = time.perf_counter() - start
             log.info(
-                "resuming from %s (epoch %s, step %s)",
+                "resuming from %s (epoch %s, step %s; %s verified and loaded in %.2fs)",
                 self.store.url_for(rec.name),
                 rec.epoch,
                 rec.global_step,
+                human_size(rec.size),
+                elapsed,
             )
         return self.store.url_for(rec.name), found.checkpoint
 

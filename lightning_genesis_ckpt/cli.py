@@ -19,7 +19,7 @@ from .errors import GenesisCheckpointError
 from .manifest import CheckpointRecord
 from .resume import resolve
 from .retention import KeepBestK, KeepLastN, rolling_to_delete
-from .store import CheckpointStore
+from .store import CheckpointStore, human_size
 
 PROG = "genesis-ckpt"
 
@@ -78,14 +78,6 @@ def _age(created: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
@@ -129,7 +121,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 str(r.epoch),
                 str(r.global_step),
                 metric,
-                _size(r.size),
+                human_size(r.size),
                 _age(r.created),
                 row["status"],
             ]

@@ -44,7 +44,8 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _human_size(n: float) -> str:
+def human_size(n: float) -> str:
+    """A byte count for log lines: ``46.8 KiB``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -285,7 +286,7 @@ class CheckpointStore:
             log.info(
                 "saved %s (%s in %.2fs, %s)",
                 self.url_for(name),
-                _human_size(size),
+                human_size(size),
                 elapsed,
                 f"{size / elapsed / 2**20:.0f} MiB/s" if elapsed > 0 else "-",
             )
