@@ -185,7 +185,8 @@ class CheckpointStore:
                 continue
             try:
                 size, checksum = self._checksum(name)
-                obj = self._load_raw(name, map_location="cpu", trusted=False)
+                # Only the small metadata dict is needed: on local disks mmap avoids reading the tensors.
+                obj = self._load_raw(name, map_location="cpu", trusted=False, mmap=self.local)
             except (OSError, CheckpointCorruptError, UnsafeCheckpointError) as e:
                 log.warning("rebuilding manifest: skipping %s (%s)", self.url_for(name), e)
                 continue
@@ -384,7 +385,13 @@ class CheckpointStore:
         return obj
 
     def _load_raw(
-        self, name: str, *, map_location: MapLocation, trusted: bool, serializer: Serializer | None = None
+        self,
+        name: str,
+        *,
+        map_location: MapLocation,
+        trusted: bool,
+        serializer: Serializer | None = None,
+        mmap: bool = False,
     ) -> Any:
         path = self.path(name)
         display = self.url_for(name)
@@ -393,7 +400,7 @@ class CheckpointStore:
             if not self.fs.exists(path):
                 raise FileNotFoundError(display)
             return serialization.load(
-                path, display, map_location=map_location, trusted=trusted, serializer=serializer
+                path, display, map_location=map_location, trusted=trusted, serializer=serializer, mmap=mmap
             )
         f: IO[bytes]
         with self.fs.open(path, "rb") as f:
