@@ -12,6 +12,7 @@ import torch
 
 from . import rng
 from ._lightning import CHECKPOINT_BASES, check_compatibility, dump_checkpoint, install_resume_hook
+from .async_save import BackgroundSaver, SnapshotBuffers
 from .errors import MonitorNotFoundError
 from .manifest import BEST_NAME, INTERRUPT_NAME, CheckpointRecord, epoch_name
 from .resume import resolve
@@ -61,6 +62,11 @@ class GenesisCheckpoint(_CheckpointBase):
             here. An explicit ``ckpt_path`` always wins.
         save_on_exception: write ``interrupt_checkpoint.pth`` when ``fit`` is interrupted or crashes.
         storage_options: passed to fsspec (credentials, endpoints); never written to files or logs.
+        async_save: write rolling/best checkpoints on a background thread. Training is blocked only while
+            the state is copied to private CPU memory (a consistent snapshot; this needs one extra copy of
+            the checkpoint in RAM while the save runs). At most one save is in flight: the next one waits
+            for it. A failed background save is raised at the next batch, the next save, or the end of
+            ``fit``. Interrupt snapshots are always synchronous.
         trusted: allow resuming from files that need full pickle (custom classes in hparams). Only for files
             you trust: unpickling can run code.
         verbose: log one info line per save and resume. Warnings are always logged.
@@ -78,6 +84,7 @@ class GenesisCheckpoint(_CheckpointBase):
         save_on_exception: bool = True,
         storage_options: Mapping[str, Any] | None = None,
         *,
+        async_save: bool = False,
         trusted: bool = False,
         verbose: bool = True,
     ) -> None:
@@ -104,6 +111,7 @@ class GenesisCheckpoint(_CheckpointBase):
         self.monitor = monitor
         self.mode: Mode = mode
         self.auto_resume = auto_resume
+        self.async_save = async_save
         self.save_on_exception = save_on_exception
         self.trusted = trusted
         self.verbose = verbose
@@ -115,6 +123,8 @@ class GenesisCheckpoint(_CheckpointBase):
         #: The most recent record this callback committed.
         self.last_saved: CheckpointRecord | None = None
         self._uninstall_resume_hook: Any = None
+        self._saver = BackgroundSaver()
+        self._snapshots = SnapshotBuffers()
         self._training_started = False
         self._validated = False
 
@@ -138,6 +148,11 @@ class GenesisCheckpoint(_CheckpointBase):
         if self._uninstall_resume_hook is not None:
             self._uninstall_resume_hook()
             self._uninstall_resume_hook = None
+        self._finish_background_save(raise_errors=False)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        # The end of a successful fit: the last background save must have committed, or the user hears of it.
+        self._saver.wait()
 
     def _resolve_resume(self) -> tuple[str, dict[str, Any]] | None:
         start = time.perf_counter()
@@ -176,7 +191,12 @@ class GenesisCheckpoint(_CheckpointBase):
         if not trainer.sanity_checking:
             self._validated = True
 
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._saver.raise_if_failed()
+
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        # The previous save must have committed before "is this the best?" is judged against the manifest.
+        self._saver.wait()
         epoch = trainer.current_epoch
         metrics = self._metrics(trainer)
         value = self._monitored_value(trainer, metrics)
@@ -194,17 +214,35 @@ class GenesisCheckpoint(_CheckpointBase):
             "metrics": metrics,
             "monitor": self.monitor,
         }
+        if self.async_save:
+            snapshot = self._snapshots.snapshot(checkpoint)
+            del checkpoint
+            self._saver.submit(lambda: self._commit(snapshot, due, improved, fields))
+        else:
+            self._commit(checkpoint, due, improved, fields)
+
+    def _commit(self, checkpoint: dict[str, Any], due: bool, improved: bool, fields: dict[str, Any]) -> None:
+        """Write one checkpoint, update best_model.pth, then apply retention: in that order, always."""
         if due:
-            record = self.store.save(epoch_name(epoch), checkpoint, role="epoch", **fields)
+            record = self.store.save(epoch_name(fields["epoch"]), checkpoint, role="epoch", **fields)
             if improved:
                 self.store.copy(record.name, BEST_NAME, role="best")
         else:
             record = self.store.save(BEST_NAME, checkpoint, role="best", **fields)
-        del checkpoint
         self.last_saved = record
         self._after_commit(record)
 
+    def _finish_background_save(self, *, raise_errors: bool) -> None:
+        try:
+            self._saver.wait()
+        except Exception as e:
+            if raise_errors:
+                raise
+            log.error("background checkpoint save failed: %s", e)
+
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # A save in flight finishes (and commits) first; its failure must not hide the original exception.
+        self._finish_background_save(raise_errors=False)
         if not (self.save_on_exception and self._training_started and trainer.is_global_zero):
             return
         try:
