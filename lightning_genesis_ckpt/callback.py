@@ -15,7 +15,7 @@ from ._lightning import CHECKPOINT_BASES, check_compatibility, dump_checkpoint, 
 from .async_save import BackgroundSaver, SnapshotBuffers
 from .errors import MonitorNotFoundError
 from .manifest import BEST_NAME, INTERRUPT_NAME, CheckpointRecord, epoch_name
-from .resume import resolve
+from .resume import Resolution, resolve
 from .retention import EveryNEpochs, KeepBestK, KeepLastN, Mode, is_better, rolling_to_delete
 from .store import CheckpointStore, human_size
 
@@ -142,7 +142,7 @@ class GenesisCheckpoint(_CheckpointBase):
             self.store.sweep_temp()
             self.store.manifest(refresh=True)
         if self.auto_resume:
-            self._uninstall_resume_hook = install_resume_hook(trainer, self._resolve_resume)
+            self._uninstall_resume_hook = install_resume_hook(trainer, lambda: self._resolve_resume(trainer))
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self._uninstall_resume_hook is not None:
@@ -154,14 +154,17 @@ class GenesisCheckpoint(_CheckpointBase):
         # The end of a successful fit: the last background save must have committed, or the user hears of it.
         self._saver.wait()
 
-    def _resolve_resume(self) -> tuple[str, dict[str, Any]] | None:
+    def _resolve_resume(self, trainer: Any) -> tuple[str, dict[str, Any]] | None:
         start = time.perf_counter()
-        found = resolve(self.store, trusted=self.trusted, validate=_validate_training_checkpoint)
+        if trainer.world_size > 1:
+            found = self._resolve_resume_distributed(trainer)
+        else:
+            found = resolve(self.store, trusted=self.trusted, validate=_validate_training_checkpoint)
         if found.record is None:
             return None
         rec = found.record
         self.resumed_from = rec
-        if self.verbose:
+        if self.verbose and trainer.is_global_zero:
             elapsed = time.perf_counter() - start
             log.info(
                 "resuming from %s (epoch %s, step %s; %s verified and loaded in %.2fs)",
@@ -172,6 +175,44 @@ class GenesisCheckpoint(_CheckpointBase):
                 elapsed,
             )
         return self.store.url_for(rec.name), found.checkpoint
+
+    def _resolve_resume_distributed(self, trainer: Any) -> Resolution:
+        """Rank 0 chooses; every rank then loads that same file, checksum-verified.
+
+        One broadcast, reached by every rank at the same point of setup. Rank 0 always takes part in it, even
+        when its search fails, so no rank is left waiting: the failure is re-raised everywhere instead.
+        """
+        found = Resolution(record=None)
+        failure = None
+        if trainer.is_global_zero:
+            try:
+                found = resolve(self.store, trusted=self.trusted, validate=_validate_training_checkpoint)
+            except Exception as e:
+                failure = e
+        name, reason = trainer.strategy.broadcast(
+            (
+                found.record.name if found.record else None,
+                None if failure is None else f"{type(failure).__name__}: {failure}",
+            ),
+            src=0,
+        )
+        if failure is not None:
+            raise failure
+        if reason is not None:
+            raise RuntimeError(
+                f"rank 0 could not choose a checkpoint to resume from in {self.store.url}: {reason}"
+            )
+        if name is None or trainer.is_global_zero:
+            return found
+        try:
+            record = self.store.manifest(refresh=True).get(name)
+            checkpoint = self.store.load(name, trusted=self.trusted)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"rank {trainer.global_rank} cannot read {self.store.url_for(name)}, chosen by rank 0 for resuming: "
+                "with several nodes, dirpath must be storage that all nodes share (for example s3://...)"
+            ) from e
+        return Resolution(record=record, checkpoint=checkpoint)
 
     # ------------------------------------------------------------------------------ callback state
     def state_dict(self) -> dict[str, Any]:
@@ -199,12 +240,20 @@ class GenesisCheckpoint(_CheckpointBase):
         self._saver.wait()
         epoch = trainer.current_epoch
         metrics = self._metrics(trainer)
-        value = self._monitored_value(trainer, metrics)
-        best = self.store.manifest().get(BEST_NAME)
-        improved = value is not None and is_better(value, best.metric() if best else None, self.mode)
-        due = self.save_policy.should_save(epoch, self._is_final_epoch(trainer))
-        if not (due or improved):
+        decision: tuple[bool, bool] | None = None
+        if trainer.is_global_zero:
+            value = self._monitored_value(trainer, metrics)
+            best = self.store.manifest().get(BEST_NAME)
+            improved = value is not None and is_better(value, best.metric() if best else None, self.mode)
+            due = self.save_policy.should_save(epoch, self._is_final_epoch(trainer))
+            decision = (due, improved) if due or improved else None
+        if trainer.world_size > 1:
+            # Rank 0 decides for all: strategies that shard the model gather state inside dump_checkpoint,
+            # which every rank must then join. (Only rank 0 reads the manifest or writes anything.)
+            decision = trainer.strategy.broadcast(decision, src=0)
+        if decision is None:
             return
+        due, improved = decision
         checkpoint = dump_checkpoint(trainer)
         if not trainer.is_global_zero:
             return

@@ -1,0 +1,68 @@
+"""A real 2-process DDP fit on CPU (gloo) with GenesisCheckpoint; Lightning launches rank 1 from this script.
+
+Each rank prints one line prefixed with RESULT: when fit returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from models import flavour, loaders
+from train import weights_digest
+
+from lightning_genesis_ckpt import GenesisCheckpoint
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("dirpath")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--fail-on-rank", type=int)
+    p.add_argument("--at-epoch", type=int, default=1)
+    p.add_argument("--at-batch", type=int, default=2)
+    args = p.parse_args()
+
+    f = flavour("pytorch_lightning")
+    f.pl.seed_everything(0)
+    model = f.TinyModel()
+    train, val = loaders()
+    callbacks = [GenesisCheckpoint(args.dirpath, monitor="val_loss")]
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.fail_on_rank is not None and args.fail_on_rank == rank:
+        callbacks.append(f.RaiseAt(args.at_epoch, args.at_batch))
+    trainer = f.pl.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    trainer.fit(model, train, val)
+    resumed = callbacks[0].resumed_from
+    print(
+        "RESULT:"
+        + json.dumps(
+            {
+                "rank": trainer.global_rank,
+                "digest": weights_digest(model),
+                "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step,
+                "resumed_from": None if resumed is None else resumed.name,
+                "resumed_step": None if resumed is None else resumed.global_step,
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
