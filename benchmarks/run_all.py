@@ -257,6 +257,7 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
 
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(data, indent=1))
     write_report(data, out / "results.md")
     plot(data, out / "results.png")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
-from .callback import GenesisCheckpoint
 from .errors import (
     CheckpointCorruptError,
     CheckpointSaveError,
@@ -18,7 +18,21 @@ from .manifest import CheckpointRecord, Manifest
 from .resume import Resolution, resolve
 from .store import CheckpointStore
 
+if TYPE_CHECKING:
+    from .callback import GenesisCheckpoint
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # GenesisCheckpoint needs Lightning, whose import takes seconds; the store, the functional API and the
+    # CLI do not, so it is imported on first use only.
+    if name == "GenesisCheckpoint":
+        from .callback import GenesisCheckpoint
+
+        return GenesisCheckpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointCorruptError",
