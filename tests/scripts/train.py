@@ -37,12 +37,15 @@ def main() -> None:
     p.add_argument("--at-batch", type=int, default=3)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--storage-options", type=json.loads, default=None, help="JSON passed to fsspec")
     args = p.parse_args()
 
     pl.seed_everything(0)
     model = TinyModel(hidden=args.hidden, width=args.width)
     train, val = loaders(width=args.width)
-    callbacks: list[pl.Callback] = [GenesisCheckpoint(args.dirpath, monitor="val_loss")]
+    callbacks: list[pl.Callback] = [
+        GenesisCheckpoint(args.dirpath, monitor="val_loss", storage_options=args.storage_options)
+    ]
     if args.signal:
         callbacks.append(SignalAt(args.at_epoch, args.at_batch, SIGNALS[args.signal]))
     if args.raise_at:
