@@ -102,8 +102,7 @@ class CheckpointStore:
         try:
             self.fs.makedirs(self.root, exist_ok=True)
             probe = self.path(temp_name("write-probe"))
-            with self.commit.open_write(probe) as f:
-                f.write(b"ok")
+            self.commit.write_bytes(probe, b"ok")
             self.fs.rm_file(probe)
         except OSError as e:
             raise type(e)(
@@ -213,8 +212,7 @@ class CheckpointStore:
         return manifest
 
     def _write_manifest(self, manifest: Manifest) -> None:
-        with self.commit.open_write(self.manifest_path) as f:
-            f.write(manifest.encode())
+        self.commit.write_bytes(self.manifest_path, manifest.encode())
         self._manifest = manifest
 
     # ------------------------------------------------------------------------------------ writing

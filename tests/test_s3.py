@@ -1,0 +1,131 @@
+"""What only an object store can show: requests counted at a real S3-protocol server, multipart uploads, secrets.
+
+The server is moto's, on loopback (``s3_server`` in conftest); the client is s3fs, configured only through the
+``storage_options`` a user would pass.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import uuid
+from typing import Any
+
+import fsspec
+import pytest
+import torch
+from conftest import BUCKET, StoreTarget
+from fsspec.asyn import sync_wrapper
+from s3fs import S3FileSystem
+from s3server import S3Server
+
+from lightning_genesis_ckpt import CheckpointStore
+from lightning_genesis_ckpt.atomicity import DeferredCommit, strategy_for
+
+MiB = 2**20
+
+
+@pytest.fixture
+def s3(s3_server: S3Server) -> StoreTarget:
+    """A fresh, empty checkpoint directory on the S3 server."""
+    return StoreTarget(
+        "s3", f"s3://{BUCKET}/{uuid.uuid4().hex}/ckpts", s3_server.storage_options(), s3_server
+    )
+
+
+def pending_uploads(target: StoreTarget) -> list[str]:
+    """Keys under the target's prefix with a multipart upload that was neither completed nor aborted."""
+    prefix = target.url.removeprefix(f"s3://{BUCKET}/")
+    fs = target.fs()
+    assert isinstance(fs, S3FileSystem)
+    return [u["Key"] for u in fs.list_multipart_uploads(BUCKET) if u["Key"].startswith(prefix)]
+
+
+def test_commit_strategy_follows_capabilities(s3: StoreTarget) -> None:
+    # No atomic rename on an object store: the deferred (transactional) commit, whatever the class is called.
+    assert isinstance(strategy_for(s3.fs()), DeferredCommit)
+    assert isinstance(s3.store().commit, DeferredCommit)
+
+
+# ------------------------------------------------------------------------------- multipart uploads
+@pytest.mark.parametrize("mib", [0, 12], ids=["before-any-part", "after-two-parts"])
+def test_failed_write_leaves_no_multipart_upload(s3: StoreTarget, s3_server: S3Server, mib: int) -> None:
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3.storage_options, default_block_size=5 * MiB)
+    path = s3.store().path("big.pth")
+    mark = s3_server.mark()
+    failed = False
+    try:
+        with DeferredCommit(fs).open_write(path) as f:
+            f.write(b"\x00" * 1024)
+            for _ in range(mib):
+                f.write(b"\x01" * MiB)
+            raise RuntimeError("fails on purpose")
+    except RuntimeError:
+        failed = True  # the exception is not kept: its traceback would keep the file object alive
+    assert failed
+    # The abandoned file object is collected: it must not start (or finish) an upload then.
+    del f
+    gc.collect()
+    sent = [str(r) for r in s3_server.requests_since(mark)]
+    if mib:
+        assert sum("partNumber" in r for r in sent) == 2, sent  # it really was a multipart upload...
+        assert sent[-1].startswith("DELETE") and "uploadId" in sent[-1], sent  # ...and it was aborted
+    else:
+        assert sent == []  # nothing had gone up, nothing goes up afterwards
+    assert pending_uploads(s3) == []
+    assert not fs.exists(path)
+
+
+def test_failed_save_leaves_no_multipart_upload(s3: StoreTarget) -> None:
+    class Unpicklable:
+        def __reduce__(self) -> Any:
+            raise RuntimeError("cannot pickle this on purpose")
+
+    store = s3.store()
+    store.save("x.pth", {"w": torch.ones(3)})
+    with pytest.raises(RuntimeError, match="on purpose"):
+        store.save("x.pth", {"w": torch.ones(3), "bad": Unpicklable()})
+    gc.collect()
+    assert pending_uploads(s3) == []
+
+
+class FlakyS3(S3FileSystem):
+    """s3fs whose connection drops when the second part of any multipart upload is sent."""
+
+    protocol = ("s3flaky",)
+
+    async def _call_s3(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "upload_part" and kwargs.get("PartNumber") == 2:
+            raise OSError(errno.ECONNRESET, "Connection reset by peer (injected)")
+        return await super()._call_s3(method, *args, **kwargs)
+
+    call_s3 = sync_wrapper(_call_s3)  # s3fs's files call the blocking twin, bound to the base method
+
+
+def test_network_failure_mid_upload_leaves_no_parts_and_the_old_checkpoint(s3: StoreTarget) -> None:
+    fsspec.register_implementation("s3flaky", FlakyS3, clobber=True)
+    url = s3.url.replace("s3://", "s3flaky://")
+    store = CheckpointStore(url, {**s3.storage_options, "default_block_size": 5 * MiB})
+    good = store.save("x.pth", {"w": torch.ones(10)})
+    before = s3.fs().cat_file(s3.store().path("x.pth"))
+    big = {"w": torch.zeros(3 * MiB)}  # 12 MiB: the tensor goes up as part 1, the rest fails as part 2
+    with pytest.raises(OSError, match="injected"):
+        store.save("x.pth", big)
+    with pytest.raises(OSError, match="injected"):
+        store.save("y.pth", big)
+    gc.collect()
+    assert pending_uploads(s3) == []
+    assert s3.names() == ["genesis_manifest.json", "x.pth"]
+    assert s3.fs().cat_file(s3.store().path("x.pth")) == before
+    assert s3.store().manifest().records == {"x.pth": good}
+
+
+def test_large_checkpoint_goes_up_in_parts_and_round_trips(s3: StoreTarget, s3_server: S3Server) -> None:
+    store = CheckpointStore(s3.url, {**s3.storage_options, "default_block_size": 5 * MiB})
+    mark = s3_server.mark()
+    obj = {"w": torch.randn(3 * MiB)}
+    rec = store.save("big.pth", obj)
+    sent = [str(r) for r in s3_server.requests_since(mark)]
+    assert sum("partNumber" in r for r in sent) >= 2, sent
+    assert rec.size > 12 * MiB and pending_uploads(s3) == []
+    assert torch.equal(s3.store().load("big.pth")["w"], obj["w"])
