@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 #: manifest can be rebuilt from the files alone.
 METADATA_KEY = "genesis_ckpt"
 
+#: Bytes per ranged GET when reading from a remote filesystem: a checkpoint of up to this size is one
+#: request, and a chunk in flight is no memory concern.
+REMOTE_READ_BLOCK = 64 * 2**20
+
 
 def library_versions() -> dict[str, str]:
     """Versions of this library, torch and Lightning, as recorded with every checkpoint."""
@@ -81,6 +85,7 @@ class CheckpointStore:
         self.commit: CommitStrategy = strategy_for(self.fs)
         self._lock = threading.RLock()
         self._manifest: Manifest | None = None
+        self._dir_ready = False
 
     # ----------------------------------------------------------------------------------------- names
     def path(self, name: str) -> str:
@@ -100,7 +105,7 @@ class CheckpointStore:
     def ensure_writable(self) -> None:
         """Create the directory and prove a file can be committed there; raise naming the path if not."""
         try:
-            self.fs.makedirs(self.root, exist_ok=True)
+            self._ensure_dir()
             probe = self.path(temp_name("write-probe"))
             self.commit.write_bytes(probe, b"ok")
             self.fs.rm_file(probe)
@@ -124,11 +129,22 @@ class CheckpointStore:
             log.info("swept %d stale temporary file(s) in %s", len(swept), self.url)
         return swept
 
+    def _ensure_dir(self) -> None:
+        # On object stores a directory is only a key prefix: "creating" it is a request (s3fs: HEAD bucket)
+        # that proves nothing, so it is done once per store. A local directory can vanish: always.
+        if self.local or not self._dir_ready:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self._dir_ready = True
+
     def _list_names(self) -> list[str]:
+        # A fresh listing, and none kept: s3fs would otherwise answer later existence and size questions
+        # from this snapshot (its dircache) instead of from the store as it is then.
         try:
-            entries = self.fs.ls(self.root, detail=False)
+            entries = self.fs.ls(self.root, detail=False, refresh=True)
         except FileNotFoundError:
             return []
+        finally:
+            self.fs.invalidate_cache(self.root)
         return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
     # -------------------------------------------------------------------------------------- manifest
@@ -261,7 +277,7 @@ class CheckpointStore:
             manifest = (
                 self.manifest()
             )  # read before the new file exists, so it is never mistaken for an orphan
-            self.fs.makedirs(self.root, exist_ok=True)
+            self._ensure_dir()
             with self.commit.open_write(path) as f:
                 size, checksum = serialization.dump(obj, f, serializer)
             record = CheckpointRecord(
@@ -345,19 +361,31 @@ class CheckpointStore:
         record = self.manifest().get(name)
         if record is None:
             raise FileNotFoundError(f"{self.url_for(name)} is not a committed checkpoint of this store")
+        if not self.local:
+            self._fetch_verified(record, keep=False)
+            return record
         try:
             size, checksum = self._checksum(name)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{self.url_for(name)} is listed in the manifest but missing") from e
-        if size != record.size:
-            raise CheckpointCorruptError(
-                self.url_for(name), f"{size} bytes on disk, the manifest recorded {record.size} (truncated?)"
-            )
-        if checksum != record.checksum:
-            raise CheckpointCorruptError(
-                self.url_for(name), f"checksum {checksum} does not match the manifest's {record.checksum}"
-            )
+        serialization.check(self.url_for(name), size, checksum, record.size, record.checksum)
         return record
+
+    def _fetch_verified(self, record: CheckpointRecord, *, keep: bool) -> IO[bytes] | None:
+        """Remote read in one pass: checked against ``record``, and with ``keep`` a copy for ``torch.load``.
+
+        Each byte crosses the network once (a verify pass and then a load pass would read it twice), and
+        what is loaded is exactly what was verified.
+        """
+        display = self.url_for(record.name)
+        try:
+            f = self.fs.open(self.path(record.name), "rb", block_size=REMOTE_READ_BLOCK, cache_type="none")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{display} is listed in the manifest but missing") from e
+        with f:
+            return serialization.read_verified(
+                f, display, record.size, record.checksum, keep=keep, chunk_size=REMOTE_READ_BLOCK
+            )
 
     def load(
         self,
@@ -374,9 +402,22 @@ class CheckpointStore:
             FileNotFoundError, CheckpointCorruptError, UnsafeCheckpointError.
         """
         start = time.perf_counter()
-        if verify and name in self.manifest().records:
-            self.verify(name)
-        obj = self._load_raw(name, map_location=map_location, trusted=trusted, serializer=serializer)
+        record = self.manifest().get(name) if verify else None
+        if record is not None and not self.local:
+            buffer = self._fetch_verified(record, keep=True)
+            assert buffer is not None
+            with buffer:
+                obj = serialization.load(
+                    buffer,
+                    self.url_for(name),
+                    map_location=map_location,
+                    trusted=trusted,
+                    serializer=serializer,
+                )
+        else:
+            if record is not None:
+                self.verify(name)
+            obj = self._load_raw(name, map_location=map_location, trusted=trusted, serializer=serializer)
         log.debug("loaded %s in %.2fs", self.url_for(name), time.perf_counter() - start)
         return obj
 

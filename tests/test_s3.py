@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import errno
 import gc
+import io
+import logging
+import time
 import uuid
+import zlib
 from typing import Any
 
 import fsspec
@@ -17,10 +21,12 @@ import torch
 from conftest import BUCKET, StoreTarget
 from fsspec.asyn import sync_wrapper
 from s3fs import S3FileSystem
-from s3server import S3Server
+from s3server import ACCESS_KEY, SECRET_KEY, S3Server
 
-from lightning_genesis_ckpt import CheckpointStore
+from lightning_genesis_ckpt import CheckpointRecord, CheckpointStore, Manifest, resolve
 from lightning_genesis_ckpt.atomicity import DeferredCommit, strategy_for
+from lightning_genesis_ckpt.manifest import epoch_name
+from lightning_genesis_ckpt.serialization import format_checksum
 
 MiB = 2**20
 
@@ -129,3 +135,102 @@ def test_large_checkpoint_goes_up_in_parts_and_round_trips(s3: StoreTarget, s3_s
     assert sum("partNumber" in r for r in sent) >= 2, sent
     assert rec.size > 12 * MiB and pending_uploads(s3) == []
     assert torch.equal(s3.store().load("big.pth")["w"], obj["w"])
+
+
+# --------------------------------------------------------------------------------- request counts
+def populate(target: StoreTarget, n: int) -> list[CheckpointRecord]:
+    """``n`` committed rolling checkpoints, uploaded concurrently, with one manifest listing them all."""
+    store = target.store()
+    blobs: dict[str, bytes] = {}
+    records = []
+    for epoch in range(n):
+        buf = io.BytesIO()
+        torch.save({"w": torch.full((4,), float(epoch)), "epoch": epoch}, buf)
+        data = buf.getvalue()
+        name = epoch_name(epoch)
+        blobs[store.path(name)] = data
+        records.append(
+            CheckpointRecord(
+                name=name,
+                role="epoch",
+                size=len(data),
+                checksum=format_checksum(zlib.crc32(data)),
+                created=1e9 + epoch,
+                seq=epoch + 1,
+                epoch=epoch,
+                global_step=10 * (epoch + 1),
+            )
+        )
+    fs = target.fs()
+    fs.pipe(blobs)
+    manifest = Manifest({r.name: r for r in records}, n + 1)
+    fs.pipe_file(store.manifest_path, manifest.encode())
+    return records
+
+
+def test_resolving_among_1000_checkpoints_takes_a_handful_of_requests(
+    s3: StoreTarget, s3_server: S3Server
+) -> None:
+    populate(s3, 1000)
+    assert len(s3.names()) == 1001
+    store = s3.store(verbose=False)  # a new process's view: nothing cached
+    mark = s3_server.mark()
+    start = time.perf_counter()
+    found = resolve(store)
+    elapsed = time.perf_counter() - start
+    sent = s3_server.requests_since(mark)
+    print(f"\nresolution among 1000 checkpoints: {len(sent)} requests, {elapsed * 1000:.0f} ms: ", *sent)
+    assert found.record is not None and found.record.name == "checkpoint_epoch_999.pth"
+    assert torch.equal(found.checkpoint["w"], torch.full((4,), 999.0))
+    assert len(sent) <= 5, [str(r) for r in sent]
+    assert not [r for r in sent if r.is_listing], "resolution must not list the directory"
+    # The manifest and the chosen checkpoint, nothing else: no object is touched twice.
+    touched = sorted({r.path.rsplit("/", 1)[-1] for r in sent})
+    assert touched == ["checkpoint_epoch_999.pth", "genesis_manifest.json"]
+
+
+def test_retention_deletes_in_one_batch(s3: StoreTarget, s3_server: S3Server) -> None:
+    populate(s3, 30)
+    store = s3.store(verbose=False)
+    store.manifest()
+    mark = s3_server.mark()
+    doomed = [epoch_name(e) for e in range(25)]
+    assert store.delete(doomed) == doomed
+    sent = [str(r) for r in s3_server.requests_since(mark)]
+    # The manifest forgets them (one PUT), then one DeleteObjects request removes all 25.
+    assert sent == [f"PUT /{store.root}/genesis_manifest.json", f"POST /{BUCKET}?delete"]
+    assert s3.names() == sorted(["genesis_manifest.json", *(epoch_name(e) for e in range(25, 30))])
+
+
+def test_a_save_is_one_upload_and_one_manifest_put(s3: StoreTarget, s3_server: S3Server) -> None:
+    store = s3.store(verbose=False)
+    store.save("a.pth", {"w": torch.ones(3)})
+    mark = s3_server.mark()
+    store.save("b.pth", {"w": torch.ones(3)})
+    sent = [str(r) for r in s3_server.requests_since(mark)]
+    # A deferred upload (create, one part, complete) and the manifest in one PUT; no directory
+    # probing, no existence checks, no listing.
+    assert [r.split("?")[0].rsplit("/", 1)[-1] for r in sent] == ["b.pth"] * 3 + ["genesis_manifest.json"], (
+        sent
+    )
+
+
+# --------------------------------------------------------------------------------- secrets and paths
+def test_secrets_never_reach_files_or_logs(s3: StoreTarget, caplog: pytest.LogCaptureFixture) -> None:
+    from test_callback import fit
+
+    with caplog.at_level(logging.DEBUG):
+        fit(s3, 2, monitor="val_loss")
+        _, trainer, cb = fit(s3, 3, monitor="val_loss")
+    assert cb.resumed_from is not None
+    assert str(trainer.ckpt_path).startswith(f"{s3.url}/")
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("lightning_genesis_ckpt"))
+    assert f"{s3.url}/checkpoint_epoch_2.pth" in ours  # our log lines name files by their full URL
+    everything = "\n".join(r.getMessage() for r in caplog.records)
+    assert SECRET_KEY not in everything
+    assert ACCESS_KEY not in ours
+    fs = s3.fs()
+    root = s3.store().root
+    for name in s3.names():
+        data = fs.cat_file(f"{root}/{name}")
+        assert SECRET_KEY.encode() not in data and ACCESS_KEY.encode() not in data, name

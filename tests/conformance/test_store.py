@@ -6,6 +6,7 @@ import json
 import logging
 import zlib
 
+import fsspec
 import pytest
 import torch
 from conftest import StoreTarget
@@ -190,7 +191,9 @@ def test_url_for_keeps_the_protocol(store_url: StoreTarget) -> None:
     assert url.endswith("/a.pth")
     if "://" in store_url.url:
         assert url.startswith(store_url.url.split("://")[0] + "://")
-        assert url == f"{store_url.url}/a.pth"
+        # ...and names the same file when handed back to fsspec, as Lightning does with ckpt_path.
+        fs, path = fsspec.core.url_to_fs(url, **store_url.storage_options)
+        assert path == store.path("a.pth") and type(fs) is type(store.fs)
 
 
 def test_unsafe_pickle_is_refused(store_url: StoreTarget, tmp_path) -> None:
