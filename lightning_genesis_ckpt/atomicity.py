@@ -43,6 +43,19 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(TMP_PREFIX)
 
 
+_INTENT_PREFIX = f"{TMP_PREFIX}intent-"
+
+
+def intent_name(final_name: str) -> str:
+    """The marker that announces a write of ``final_name`` until the manifest has committed it."""
+    return f"{_INTENT_PREFIX}{final_name}"
+
+
+def intent_target(name: str) -> str | None:
+    """The file an intent marker announces, or None if ``name`` is not an intent marker."""
+    return name[len(_INTENT_PREFIX) :] if name.startswith(_INTENT_PREFIX) else None
+
+
 def is_posix_local(fs: AbstractFileSystem) -> bool:
     """True for the local POSIX filesystem, where rename replaces atomically and fsync exists."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)

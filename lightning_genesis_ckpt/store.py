@@ -16,7 +16,15 @@ import fsspec
 from fsspec import AbstractFileSystem
 
 from . import serialization
-from .atomicity import CommitStrategy, is_posix_local, is_temp_name, strategy_for, temp_name
+from .atomicity import (
+    CommitStrategy,
+    intent_name,
+    intent_target,
+    is_posix_local,
+    is_temp_name,
+    strategy_for,
+    temp_name,
+)
 from .errors import CheckpointCorruptError, ManifestError, UnsafeCheckpointError
 from .manifest import MANIFEST_NAME, CheckpointRecord, Manifest, role_of_name
 from .serialization import MapLocation, Serializer
@@ -116,10 +124,20 @@ class CheckpointStore:
             ) from e
 
     def sweep_temp(self) -> list[str]:
-        """Remove leftover temporary files of killed writers (only names matching our temp pattern)."""
+        """Remove leftover temporary files of killed writers (only names matching our temp pattern).
+
+        Also removes an orphan: a file a killed writer published but never committed (its intent marker
+        is still there and the manifest does not list it). Nothing else the manifest does not list is
+        touched.
+        """
         swept = []
-        for name in self._list_names():
-            if is_temp_name(name):
+        names = self._list_names()
+        targets = {t for n in names if (t := intent_target(n)) is not None and t in names}
+        orphans = sorted(targets - set(self.manifest().records)) if targets else []
+        if orphans:
+            log.warning("removing %s: written but never committed by a run that stopped", ", ".join(orphans))
+        for name in [*orphans, *names]:
+            if is_temp_name(name) or name in orphans:
                 try:
                     self.fs.rm_file(self.path(name))
                     swept.append(name)
@@ -227,6 +245,17 @@ class CheckpointStore:
             manifest = manifest.with_record(rec.with_changes(seq=seq))
         return manifest
 
+    def _announce(self, name: str) -> None:
+        # Data is published under its final name before the manifest commits it; a crash in between
+        # leaves a file no record names. The marker (kept on failure) lets the next sweep prove it ours.
+        self.fs.pipe_file(self.path(intent_name(name)), b"")
+
+    def _retract(self, name: str) -> None:
+        try:
+            self.fs.rm_file(self.path(intent_name(name)))
+        except OSError as e:  # harmless: the sweep removes it, and the file it names is committed
+            log.warning("could not remove %s: %s", self.url_for(intent_name(name)), e)
+
     def _write_manifest(self, manifest: Manifest) -> None:
         self.commit.write_bytes(self.manifest_path, manifest.encode())
         self._manifest = manifest
@@ -278,8 +307,13 @@ class CheckpointStore:
                 self.manifest()
             )  # read before the new file exists, so it is never mistaken for an orphan
             self._ensure_dir()
-            with self.commit.open_write(path) as f:
-                size, checksum = serialization.dump(obj, f, serializer)
+            self._announce(name)
+            try:
+                with self.commit.open_write(path) as f:
+                    size, checksum = serialization.dump(obj, f, serializer)
+            except BaseException:
+                self._retract(name)  # the strategy published nothing: no orphan to announce
+                raise
             record = CheckpointRecord(
                 name=name,
                 role=role,
@@ -294,6 +328,7 @@ class CheckpointStore:
                 monitor=monitor,
             )
             self._write_manifest(manifest.with_record(record))
+            self._retract(name)
         elapsed = time.perf_counter() - start
         if self.verbose:
             log.info(
@@ -311,10 +346,12 @@ class CheckpointStore:
             record = self.manifest().get(src)
             if record is None:
                 raise FileNotFoundError(f"{self.url_for(src)} is not a committed checkpoint of this store")
+            self._announce(dst)
             self.commit.copy(self.path(src), self.path(dst))
             manifest = self.manifest()
             new = record.with_changes(name=dst, role=role or role_of_name(dst), seq=manifest.next_seq)
             self._write_manifest(manifest.with_record(new))
+            self._retract(dst)
         if self.verbose:
             log.info("committed %s as a copy of %s", self.url_for(dst), src)
         return new

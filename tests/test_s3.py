@@ -202,17 +202,23 @@ def test_retention_deletes_in_one_batch(s3: StoreTarget, s3_server: S3Server) ->
     assert s3.names() == sorted(["genesis_manifest.json", *(epoch_name(e) for e in range(25, 30))])
 
 
-def test_a_save_is_one_upload_and_one_manifest_put(s3: StoreTarget, s3_server: S3Server) -> None:
+def test_a_save_sends_only_what_it_needs(s3: StoreTarget, s3_server: S3Server) -> None:
     store = s3.store(verbose=False)
     store.save("a.pth", {"w": torch.ones(3)})
     mark = s3_server.mark()
     store.save("b.pth", {"w": torch.ones(3)})
     sent = [str(r) for r in s3_server.requests_since(mark)]
-    # A deferred upload (create, one part, complete) and the manifest in one PUT; no directory
-    # probing, no existence checks, no listing.
-    assert [r.split("?")[0].rsplit("/", 1)[-1] for r in sent] == ["b.pth"] * 3 + ["genesis_manifest.json"], (
-        sent
-    )
+    # The intent marker, a deferred upload (create, one part, complete), the manifest in one PUT, the
+    # marker removed: no directory probing, no existence checks, no listing.
+    marker = ".genesis-tmp-intent-b.pth"
+    assert [f"{r.split()[0]} {r.split('?')[0].rsplit('/', 1)[-1]}" for r in sent] == [
+        f"PUT {marker}",
+        "POST b.pth",
+        "PUT b.pth",
+        "POST b.pth",
+        "PUT genesis_manifest.json",
+        f"DELETE {marker}",
+    ], sent
 
 
 # --------------------------------------------------------------------------------- secrets and paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import zlib
@@ -11,7 +12,7 @@ import pytest
 import torch
 from conftest import StoreTarget
 
-from lightning_genesis_ckpt import CheckpointCorruptError, CheckpointStore, ManifestError
+from lightning_genesis_ckpt import CheckpointCorruptError, CheckpointStore, ManifestError, resolve
 from lightning_genesis_ckpt.atomicity import TMP_PREFIX
 from lightning_genesis_ckpt.manifest import MANIFEST_NAME
 
@@ -72,6 +73,57 @@ def test_failed_save_leaves_previous_file_intact(store_url: StoreTarget) -> None
     assert raw_bytes(store, "x.pth") == before
     assert store_url.store().manifest().get("x.pth") == good
     assert not [n for n in store._list_names() if n.startswith(TMP_PREFIX)]
+
+
+class ManifestWriteFails(CheckpointStore):
+    """A store whose manifest writes fail once ``fail`` is set: a crash after the data is published."""
+
+    fail = False
+
+    def _write_manifest(self, manifest) -> None:
+        if self.fail:
+            raise OSError(errno.EIO, "manifest write failed (injected)")
+        super()._write_manifest(manifest)
+
+
+def test_published_but_uncommitted_file_is_ignored_then_swept(
+    store_url: StoreTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = ManifestWriteFails(store_url.url, store_url.storage_options)
+    store.save("checkpoint_epoch_0.pth", state(0), role="epoch", global_step=1)
+    write_raw(store, "checkpoint_epoch_7.pth", b"a user's file the manifest does not list")
+    store.fail = True
+    with pytest.raises(OSError, match="injected"):
+        store.save("checkpoint_epoch_1.pth", state(1), role="epoch", global_step=2)
+    # The data is complete under its final name, but nothing lists it: resume never sees it.
+    assert "checkpoint_epoch_1.pth" in store_url.names()
+    fresh = store_url.store()
+    assert [r.name for r in fresh.records()] == ["checkpoint_epoch_0.pth"]
+    assert resolve(fresh).record.name == "checkpoint_epoch_0.pth"
+    # The next start sweeps it (its intent marker proves it ours); files it cannot prove ours stay.
+    with caplog.at_level(logging.WARNING):
+        assert "checkpoint_epoch_1.pth" in fresh.sweep_temp()
+    assert "never committed" in caplog.text
+    assert store_url.names() == ["checkpoint_epoch_0.pth", "checkpoint_epoch_7.pth", MANIFEST_NAME]
+
+
+def test_reused_name_caught_between_publish_and_commit_is_skipped(
+    store_url: StoreTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = ManifestWriteFails(store_url.url, store_url.storage_options)
+    store.save("checkpoint_epoch_0.pth", state(0), role="epoch", global_step=10)
+    store.save("interrupt_checkpoint.pth", state(1), role="interrupt", global_step=15)
+    store.fail = True
+    with pytest.raises(OSError, match="injected"):
+        store.save("interrupt_checkpoint.pth", state(2), role="interrupt", global_step=18)
+    fresh = store_url.store()
+    fresh.sweep_temp()  # the file is listed: the sweep leaves it to resume's verification
+    with caplog.at_level(logging.WARNING):
+        found = resolve(fresh)
+    # The record still describes the old bytes: never half-visible, skipped with a warning.
+    assert found.record is not None and found.record.name == "checkpoint_epoch_0.pth"
+    assert [n for n, _ in found.skipped] == ["interrupt_checkpoint.pth"]
+    assert "interrupt_checkpoint.pth" in caplog.text
 
 
 def test_copy_is_byte_identical_and_committed(store_url: StoreTarget) -> None:
