@@ -7,7 +7,8 @@
 * :class:`DeferredCommit` -- object stores and in-memory filesystems have no atomic rename, but an object
   becomes visible only once its upload is committed, and an aborted upload is discarded (an fsspec
   transaction). The data is written under its final name and the manifest write is the commit point; a file
-  that is complete but not yet listed is an orphan that readers ignore. On S3 a checkpoint goes up as a
+  that is complete but not yet listed is an orphan that readers ignore and the next start sweeps (the
+  store's intent marker proves it ours). On S3 a checkpoint goes up as a
   multipart upload that only a final CompleteMultipartUpload makes visible (a failed one is aborted, its
   parts deleted); the manifest, small and known up front, is one PUT.
 

@@ -23,7 +23,7 @@ from fsspec.asyn import sync_wrapper
 from s3fs import S3FileSystem
 from s3server import ACCESS_KEY, SECRET_KEY, S3Server
 
-from lightning_genesis_ckpt import CheckpointRecord, CheckpointStore, Manifest, resolve
+from lightning_genesis_ckpt import CheckpointRecord, CheckpointStore, Manifest, resolve, serialization
 from lightning_genesis_ckpt.atomicity import DeferredCommit, strategy_for
 from lightning_genesis_ckpt.manifest import epoch_name
 from lightning_genesis_ckpt.serialization import format_checksum
@@ -135,6 +135,34 @@ def test_large_checkpoint_goes_up_in_parts_and_round_trips(s3: StoreTarget, s3_s
     assert sum("partNumber" in r for r in sent) >= 2, sent
     assert rec.size > 12 * MiB and pending_uploads(s3) == []
     assert torch.equal(s3.store().load("big.pth")["w"], obj["w"])
+
+
+def test_truncated_object_is_caught_before_its_bytes_are_downloaded(
+    s3: StoreTarget, s3_server: S3Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = s3.store()
+    store.save("checkpoint_epoch_0.pth", {"w": torch.ones(3)}, role="epoch", global_step=1)
+    store.save("checkpoint_epoch_1.pth", {"w": torch.ones(3) * 2}, role="epoch", global_step=2)
+    fs = s3.fs()  # another client overwrites the newest object through the server
+    path = store.path("checkpoint_epoch_1.pth")
+    fs.pipe_file(path, fs.cat_file(path)[:100])
+    mark = s3_server.mark()
+    with caplog.at_level(logging.WARNING):
+        found = resolve(s3.store())
+    assert found.record is not None and found.record.name == "checkpoint_epoch_0.pth"
+    assert "checkpoint_epoch_1.pth" in caplog.text and "truncated" in caplog.text
+    sent = [str(r) for r in s3_server.requests_since(mark) if "checkpoint_epoch_1.pth" in r.path]
+    assert sent == [f"HEAD /{path}"]  # the size alone condemned it: no GET
+
+
+def test_large_checkpoint_is_loaded_through_a_local_spool_file(
+    s3: StoreTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = s3.store()
+    obj = {"w": torch.randn(50_000)}
+    store.save("a.pth", obj)
+    monkeypatch.setattr(serialization, "SPOOL_IN_MEMORY", 64 * 1024)  # 200 KB is "large" now
+    assert torch.equal(s3.store().load("a.pth")["w"], obj["w"])
 
 
 # --------------------------------------------------------------------------------- request counts
