@@ -105,19 +105,23 @@ def check(display_path: str, size: int, checksum: str | None, want_size: int, wa
         )
 
 
+def spool(size: int) -> IO[bytes]:
+    """A seekable scratch buffer for ``size`` bytes: memory up to ``SPOOL_IN_MEMORY``, else a local temp file.
+
+    Loading a checkpoint from it then costs the loaded tensors plus at most ``SPOOL_IN_MEMORY`` bytes.
+    """
+    return io.BytesIO() if size <= SPOOL_IN_MEMORY else tempfile.TemporaryFile()
+
+
 def read_verified(
     fileobj: IO[bytes],
     display_path: str,
     size: int,
     checksum: str,
-    *,
-    keep: bool,
+    sink: IO[bytes] | None = None,
     chunk_size: int = READ_CHUNK,
-) -> IO[bytes] | None:
-    """Read ``fileobj`` once, checking its size and checksum; with ``keep``, return a seekable copy.
-
-    The copy is memory up to ``SPOOL_IN_MEMORY`` bytes and an anonymous local temporary file above, so
-    loading from it costs the loaded tensors plus at most that much memory.
+) -> None:
+    """Read ``fileobj`` once, checking its size and checksum; copy it into ``sink`` (rewound) if given.
 
     Raises:
         CheckpointCorruptError: size or checksum differ. A file object that knows its size up front
@@ -126,19 +130,9 @@ def read_verified(
     known = getattr(fileobj, "size", None)
     if isinstance(known, int):
         check(display_path, known, None, size, checksum)
-    sink: IO[bytes] | None = None
-    if keep:
-        # closed below on failure, by the caller otherwise
-        sink = io.BytesIO() if size <= SPOOL_IN_MEMORY else tempfile.TemporaryFile()  # noqa: SIM115
-    try:
-        check(display_path, *checksum_stream(fileobj, sink, chunk_size), size, checksum)
-    except BaseException:
-        if sink is not None:
-            sink.close()
-        raise
+    check(display_path, *checksum_stream(fileobj, sink, chunk_size), size, checksum)
     if sink is not None:
         sink.seek(0)
-    return sink
 
 
 def _is_unsafe_error(exc: BaseException) -> bool:

@@ -9,22 +9,14 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any
 
 import fsspec
 from fsspec import AbstractFileSystem
 
-from . import serialization
-from .atomicity import (
-    CommitStrategy,
-    intent_name,
-    intent_target,
-    is_posix_local,
-    is_temp_name,
-    strategy_for,
-    temp_name,
-)
+from . import atomicity, serialization
+from .atomicity import CommitStrategy, is_posix_local, is_temp_name, strategy_for, temp_name
 from .errors import CheckpointCorruptError, ManifestError, UnsafeCheckpointError
 from .manifest import MANIFEST_NAME, CheckpointRecord, Manifest, role_of_name
 from .serialization import MapLocation, Serializer
@@ -130,19 +122,20 @@ class CheckpointStore:
         is still there and the manifest does not list it). Nothing else the manifest does not list is
         touched.
         """
-        swept = []
+        swept: list[str] = []
         names = self._list_names()
-        targets = {t for n in names if (t := intent_target(n)) is not None and t in names}
+        targets = {t for n in names if (t := atomicity.intent_target(n)) is not None and t in names}
         orphans = sorted(targets - set(self.manifest().records)) if targets else []
         if orphans:
             log.warning("removing %s: written but never committed by a run that stopped", ", ".join(orphans))
-        for name in [*orphans, *names]:
-            if is_temp_name(name) or name in orphans:
-                try:
-                    self.fs.rm_file(self.path(name))
-                    swept.append(name)
-                except OSError as e:
-                    log.warning("could not remove stale temporary file %s: %s", self.url_for(name), e)
+        for name in [*orphans, *(n for n in names if is_temp_name(n))]:
+            if atomicity.intent_target(name) in orphans and atomicity.intent_target(name) not in swept:
+                continue  # its orphan could not be removed: keep the proof for the next sweep
+            try:
+                self.fs.rm_file(self.path(name))
+                swept.append(name)
+            except OSError as e:
+                log.warning("could not remove stale temporary file %s: %s", self.url_for(name), e)
         if swept:
             log.info("swept %d stale temporary file(s) in %s", len(swept), self.url)
         return swept
@@ -245,16 +238,26 @@ class CheckpointStore:
             manifest = manifest.with_record(rec.with_changes(seq=seq))
         return manifest
 
-    def _announce(self, name: str) -> None:
-        # Data is published under its final name before the manifest commits it; a crash in between
-        # leaves a file no record names. The marker (kept on failure) lets the next sweep prove it ours.
-        self.fs.pipe_file(self.path(intent_name(name)), b"")
+    @contextlib.contextmanager
+    def _publishing(self, name: str) -> Iterator[None]:
+        """Announce ``name`` with an intent marker while the block publishes it; :meth:`_retract` ends it.
+
+        Data is published under its final name before the manifest commits it, and a crash in between
+        leaves a file no record names: the marker lets the next sweep prove that file ours. If the block
+        fails, the commit strategy published nothing and the marker goes at once.
+        """
+        self.fs.pipe_file(self.path(atomicity.intent_name(name)), b"")
+        try:
+            yield
+        except BaseException:
+            self._retract(name)
+            raise
 
     def _retract(self, name: str) -> None:
         try:
-            self.fs.rm_file(self.path(intent_name(name)))
+            self.fs.rm_file(self.path(atomicity.intent_name(name)))
         except OSError as e:  # harmless: the sweep removes it, and the file it names is committed
-            log.warning("could not remove %s: %s", self.url_for(intent_name(name)), e)
+            log.warning("could not remove %s: %s", self.url_for(atomicity.intent_name(name)), e)
 
     def _write_manifest(self, manifest: Manifest) -> None:
         self.commit.write_bytes(self.manifest_path, manifest.encode())
@@ -307,13 +310,8 @@ class CheckpointStore:
                 self.manifest()
             )  # read before the new file exists, so it is never mistaken for an orphan
             self._ensure_dir()
-            self._announce(name)
-            try:
-                with self.commit.open_write(path) as f:
-                    size, checksum = serialization.dump(obj, f, serializer)
-            except BaseException:
-                self._retract(name)  # the strategy published nothing: no orphan to announce
-                raise
+            with self._publishing(name), self.commit.open_write(path) as f:
+                size, checksum = serialization.dump(obj, f, serializer)
             record = CheckpointRecord(
                 name=name,
                 role=role,
@@ -346,8 +344,8 @@ class CheckpointStore:
             record = self.manifest().get(src)
             if record is None:
                 raise FileNotFoundError(f"{self.url_for(src)} is not a committed checkpoint of this store")
-            self._announce(dst)
-            self.commit.copy(self.path(src), self.path(dst))
+            with self._publishing(dst):
+                self.commit.copy(self.path(src), self.path(dst))
             manifest = self.manifest()
             new = record.with_changes(name=dst, role=role or role_of_name(dst), seq=manifest.next_seq)
             self._write_manifest(manifest.with_record(new))
@@ -399,7 +397,7 @@ class CheckpointStore:
         if record is None:
             raise FileNotFoundError(f"{self.url_for(name)} is not a committed checkpoint of this store")
         if not self.local:
-            self._fetch_verified(record, keep=False)
+            self._fetch_verified(record, None)
             return record
         try:
             size, checksum = self._checksum(name)
@@ -408,11 +406,11 @@ class CheckpointStore:
         serialization.check(self.url_for(name), size, checksum, record.size, record.checksum)
         return record
 
-    def _fetch_verified(self, record: CheckpointRecord, *, keep: bool) -> IO[bytes] | None:
-        """Remote read in one pass: checked against ``record``, and with ``keep`` a copy for ``torch.load``.
+    def _fetch_verified(self, record: CheckpointRecord, sink: IO[bytes] | None) -> None:
+        """Remote read in one pass, checked against ``record``; the bytes are copied into ``sink`` if given.
 
         Each byte crosses the network once (a verify pass and then a load pass would read it twice), and
-        what is loaded is exactly what was verified.
+        what is loaded from ``sink`` is exactly what was verified.
         """
         display = self.url_for(record.name)
         try:
@@ -420,9 +418,7 @@ class CheckpointStore:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{display} is listed in the manifest but missing") from e
         with f:
-            return serialization.read_verified(
-                f, display, record.size, record.checksum, keep=keep, chunk_size=REMOTE_READ_BLOCK
-            )
+            serialization.read_verified(f, display, record.size, record.checksum, sink, REMOTE_READ_BLOCK)
 
     def load(
         self,
@@ -441,9 +437,8 @@ class CheckpointStore:
         start = time.perf_counter()
         record = self.manifest().get(name) if verify else None
         if record is not None and not self.local:
-            buffer = self._fetch_verified(record, keep=True)
-            assert buffer is not None
-            with buffer:
+            with serialization.spool(record.size) as buffer:
+                self._fetch_verified(record, buffer)
                 obj = serialization.load(
                     buffer,
                     self.url_for(name),

@@ -103,7 +103,7 @@ def test_published_but_uncommitted_file_is_ignored_then_swept(
     # The next start sweeps it (its intent marker proves it ours); files it cannot prove ours stay.
     with caplog.at_level(logging.WARNING):
         assert "checkpoint_epoch_1.pth" in fresh.sweep_temp()
-    assert "never committed" in caplog.text
+    assert "never committed" in caplog.text and "could not remove" not in caplog.text
     assert store_url.names() == ["checkpoint_epoch_0.pth", "checkpoint_epoch_7.pth", MANIFEST_NAME]
 
 
