@@ -11,14 +11,14 @@ import gc
 import io
 import logging
 import time
-import uuid
 import zlib
+from pathlib import Path
 from typing import Any
 
 import fsspec
 import pytest
 import torch
-from conftest import BUCKET, StoreTarget
+from conftest import BUCKET, StoreTarget, make_target
 from fsspec.asyn import sync_wrapper
 from s3fs import S3FileSystem
 from s3server import ACCESS_KEY, SECRET_KEY, S3Server
@@ -32,11 +32,9 @@ MiB = 2**20
 
 
 @pytest.fixture
-def s3(s3_server: S3Server) -> StoreTarget:
+def s3(request: pytest.FixtureRequest, tmp_path: Path) -> StoreTarget:
     """A fresh, empty checkpoint directory on the S3 server."""
-    return StoreTarget(
-        "s3", f"s3://{BUCKET}/{uuid.uuid4().hex}/ckpts", s3_server.storage_options(), s3_server
-    )
+    return make_target(request, tmp_path, "s3")
 
 
 def pending_uploads(target: StoreTarget) -> list[str]:
