@@ -6,10 +6,18 @@
   is fsync'd so the rename itself survives a power cut.
 * :class:`DeferredCommit` -- object stores and in-memory filesystems have no atomic rename, but an object
   becomes visible only once its upload is committed, and an aborted upload is discarded (an fsspec
-  transaction). The data is written under its final name and the manifest write is the commit point; a file that is
-  complete but not yet listed is an orphan that readers ignore. Limitation: re-using a name (the interrupt
-  snapshot, ``best_model.pth``) replaces the old object before the manifest names the new one, so a crash
-  in that window leaves a record whose checksum no longer matches; resume detects that and skips it.
+  transaction). The data is written under its final name and the manifest write is the commit point; a file
+  that is complete but not yet listed is an orphan that readers ignore and the next start sweeps (the
+  store's intent marker proves it ours). On S3 a checkpoint goes up as a
+  multipart upload that only a final CompleteMultipartUpload makes visible (a failed one is aborted, its
+  parts deleted); the manifest, small and known up front, is one PUT.
+
+  Limitation: re-using a name (the interrupt snapshot, ``best_model.pth``) replaces the old object before
+  the manifest names the new one. The window is the time between the request that publishes the new
+  object (the PUT / CompleteMultipartUpload / CopyObject, which replace atomically: during the upload
+  itself the old object stays whole) and the manifest PUT that follows it. A crash exactly there leaves
+  the old record over the new bytes: their checksum no longer matches, so resume skips that file with a
+  warning and uses the next candidate; nothing half-written is ever loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from collections.abc import Iterator
 from typing import IO, Protocol
 
 from fsspec import AbstractFileSystem
+from fsspec.spec import AbstractBufferedFile
 
 TMP_PREFIX = ".genesis-tmp-"
 
@@ -33,6 +42,19 @@ def temp_name(final_name: str) -> str:
 def is_temp_name(name: str) -> bool:
     """Whether ``name`` is one of our temporary names (the only files the sweep may remove)."""
     return name.startswith(TMP_PREFIX)
+
+
+_INTENT_PREFIX = f"{TMP_PREFIX}intent-"
+
+
+def intent_name(final_name: str) -> str:
+    """The marker that announces a write of ``final_name`` until the manifest has committed it."""
+    return f"{_INTENT_PREFIX}{final_name}"
+
+
+def intent_target(name: str) -> str | None:
+    """The file an intent marker announces, or None if ``name`` is not an intent marker."""
+    return name[len(_INTENT_PREFIX) :] if name.startswith(_INTENT_PREFIX) else None
 
 
 def is_posix_local(fs: AbstractFileSystem) -> bool:
@@ -50,6 +72,10 @@ class CommitStrategy(Protocol):
 
     def copy(self, src: str, dst: str) -> None:
         """Commit a byte-identical copy of ``src`` under ``dst`` without re-serializing it."""
+        ...
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Commit a small payload that is known up front (the manifest): as few requests as possible."""
         ...
 
 
@@ -106,6 +132,10 @@ class RenameCommit:
             raise
         _fsync_dir(directory)
 
+    def write_bytes(self, path: str, data: bytes) -> None:
+        with self.open_write(path) as f:
+            f.write(data)
+
     def _before_rename(self, tmp: str, final: str) -> None:
         """Hook for failure-injection tests: called after the data is durable, before it is renamed."""
 
@@ -128,11 +158,37 @@ class DeferredCommit:
     def open_write(self, path: str) -> Iterator[IO[bytes]]:
         with self.fs.transaction:
             f = self.fs.open(path, "wb")
-            yield f
+            try:
+                yield f
+            except BaseException:
+                _abandon(f)
+                raise  # the transaction discards the file: an upload in progress is aborted
             f.close()
 
     def copy(self, src: str, dst: str) -> None:
-        self.fs.copy(src, dst)
+        # The single-file primitive: a server-side copy on object stores (S3: one CopyObject, which
+        # publishes atomically), without the glob and existence checks of ``fs.copy``.
+        with self.fs.transaction:
+            self.fs.cp_file(src, dst)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        # ``pipe_file`` sends a payload known up front as one request where the store has one (S3: a
+        # single PUT, visible whole or not at all), instead of the three a deferred multipart upload
+        # needs; filesystems without such a primitive fall back to a deferred file in the transaction.
+        with self.fs.transaction:
+            self.fs.pipe_file(path, data)
+
+
+def _abandon(f: IO[bytes]) -> None:
+    """Make sure an abandoned deferred file can never publish anything after the transaction discards it.
+
+    fsspec's buffered files (s3fs, gcsfs, adlfs) finalize their upload in ``close()``, which their
+    ``__del__`` calls. ``discard()`` aborts the upload but leaves the file open, so garbage collection
+    would later call ``close()`` and start a *new* multipart upload that nothing ever completes or aborts
+    (a dangling upload, billed as storage). Marking the file closed first makes that impossible.
+    """
+    if isinstance(f, AbstractBufferedFile):
+        f.closed = True
 
 
 def strategy_for(fs: AbstractFileSystem) -> CommitStrategy:

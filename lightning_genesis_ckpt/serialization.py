@@ -6,7 +6,9 @@ read fastest). Loading is weights-only unless the caller says the file is truste
 
 from __future__ import annotations
 
+import io
 import pickle
+import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, Literal
@@ -21,6 +23,9 @@ MapLocation = Any  # whatever torch.load accepts as map_location
 # Big enough that crc32 and the syscall per read are amortised; small enough not to matter for memory.
 READ_CHUNK = 8 * 1024 * 1024
 ZIP_MAGIC = b"PK\x03\x04"
+#: A checkpoint read from a remote filesystem is buffered in memory up to this size (peak: the file plus
+#: the loaded tensors), in an anonymous local temporary file above it (peak: the loaded tensors).
+SPOOL_IN_MEMORY = 512 * 2**20
 
 
 def format_checksum(crc: int) -> str:
@@ -98,17 +103,63 @@ def dump(obj: Any, fileobj: IO[bytes], serializer: Serializer = "torch") -> tupl
     return writer.size, writer.checksum
 
 
-def checksum_stream(fileobj: IO[bytes]) -> tuple[int, str]:
-    """Read a file object to its end; returns ``(size, checksum)``."""
+def checksum_stream(
+    fileobj: IO[bytes], sink: IO[bytes] | None = None, chunk_size: int = READ_CHUNK
+) -> tuple[int, str]:
+    """Read a file object to its end, copying each chunk into ``sink`` if given; returns ``(size, checksum)``."""
     crc = 0
     size = 0
     while True:
-        chunk = fileobj.read(READ_CHUNK)
+        chunk = fileobj.read(chunk_size)
         if not chunk:
             break
         crc = zlib.crc32(chunk, crc)
         size += len(chunk)
+        if sink is not None:
+            sink.write(chunk)
     return size, format_checksum(crc)
+
+
+def check(display_path: str, size: int, checksum: str | None, want_size: int, want_checksum: str) -> None:
+    """Raise CheckpointCorruptError if a file's size or checksum (None: not known yet) is not the recorded one."""
+    if size != want_size:
+        raise CheckpointCorruptError(
+            display_path, f"{size} bytes on disk, the manifest recorded {want_size} (truncated?)"
+        )
+    if checksum is not None and checksum != want_checksum:
+        raise CheckpointCorruptError(
+            display_path, f"checksum {checksum} does not match the manifest's {want_checksum}"
+        )
+
+
+def spool(size: int) -> IO[bytes]:
+    """A seekable scratch buffer for ``size`` bytes: memory up to ``SPOOL_IN_MEMORY``, else a local temp file.
+
+    Loading a checkpoint from it then costs the loaded tensors plus at most ``SPOOL_IN_MEMORY`` bytes.
+    """
+    return io.BytesIO() if size <= SPOOL_IN_MEMORY else tempfile.TemporaryFile()
+
+
+def read_verified(
+    fileobj: IO[bytes],
+    display_path: str,
+    size: int,
+    checksum: str,
+    sink: IO[bytes] | None = None,
+    chunk_size: int = READ_CHUNK,
+) -> None:
+    """Read ``fileobj`` once, checking its size and checksum; copy it into ``sink`` (rewound) if given.
+
+    Raises:
+        CheckpointCorruptError: size or checksum differ. A file object that knows its size up front
+            (fsspec's remote files, from the HEAD sent when opening) fails before any data is read.
+    """
+    known = getattr(fileobj, "size", None)
+    if isinstance(known, int):
+        check(display_path, known, None, size, checksum)
+    check(display_path, *checksum_stream(fileobj, sink, chunk_size), size, checksum)
+    if sink is not None:
+        sink.seek(0)
 
 
 def _is_unsafe_error(exc: BaseException) -> bool:

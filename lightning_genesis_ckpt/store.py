@@ -9,13 +9,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any
 
 import fsspec
 from fsspec import AbstractFileSystem
 
-from . import serialization
+from . import atomicity, serialization
 from .atomicity import CommitStrategy, is_posix_local, is_temp_name, strategy_for, temp_name
 from .errors import CheckpointCorruptError, ManifestError, UnsafeCheckpointError
 from .manifest import MANIFEST_NAME, CheckpointRecord, Manifest, role_of_name
@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 #: Key under which each checkpoint written by the store carries its own record fields, so that a lost
 #: manifest can be rebuilt from the files alone.
 METADATA_KEY = "genesis_ckpt"
+
+#: Bytes per ranged GET when reading from a remote filesystem: a checkpoint of up to this size is one
+#: request, and a chunk in flight is no memory concern.
+REMOTE_READ_BLOCK = 64 * 2**20
 
 
 def library_versions() -> dict[str, str]:
@@ -82,6 +86,7 @@ class CheckpointStore:
         self.commit: CommitStrategy = strategy_for(self.fs)
         self._lock = threading.RLock()
         self._manifest: Manifest | None = None
+        self._dir_ready = False
 
     # ----------------------------------------------------------------------------------------- names
     def path(self, name: str) -> str:
@@ -101,10 +106,9 @@ class CheckpointStore:
     def ensure_writable(self) -> None:
         """Create the directory and prove a file can be committed there; raise naming the path if not."""
         try:
-            self.fs.makedirs(self.root, exist_ok=True)
+            self._ensure_dir()
             probe = self.path(temp_name("write-probe"))
-            with self.commit.open_write(probe) as f:
-                f.write(b"ok")
+            self.commit.write_bytes(probe, b"ok")
             self.fs.rm_file(probe)
         except OSError as e:
             raise type(e)(
@@ -113,24 +117,46 @@ class CheckpointStore:
             ) from e
 
     def sweep_temp(self) -> list[str]:
-        """Remove leftover temporary files of killed writers (only names matching our temp pattern)."""
-        swept = []
-        for name in self._list_names():
-            if is_temp_name(name):
-                try:
-                    self.fs.rm_file(self.path(name))
-                    swept.append(name)
-                except OSError as e:
-                    log.warning("could not remove stale temporary file %s: %s", self.url_for(name), e)
+        """Remove leftover temporary files of killed writers (only names matching our temp pattern).
+
+        Also removes an orphan: a file a killed writer published but never committed (its intent marker
+        is still there and the manifest does not list it). Nothing else the manifest does not list is
+        touched.
+        """
+        swept: list[str] = []
+        names = self._list_names()
+        targets = {t for n in names if (t := atomicity.intent_target(n)) is not None and t in names}
+        orphans = sorted(targets - set(self.manifest().records)) if targets else []
+        if orphans:
+            log.warning("removing %s: written but never committed by a run that stopped", ", ".join(orphans))
+        for name in [*orphans, *(n for n in names if is_temp_name(n))]:
+            if atomicity.intent_target(name) in orphans and atomicity.intent_target(name) not in swept:
+                continue  # its orphan could not be removed: keep the proof for the next sweep
+            try:
+                self.fs.rm_file(self.path(name))
+                swept.append(name)
+            except OSError as e:
+                log.warning("could not remove stale temporary file %s: %s", self.url_for(name), e)
         if swept:
             log.info("swept %d stale temporary file(s) in %s", len(swept), self.url)
         return swept
 
+    def _ensure_dir(self) -> None:
+        # On object stores a directory is only a key prefix: "creating" it is a request (s3fs: HEAD bucket)
+        # that proves nothing, so it is done once per store. A local directory can vanish: always.
+        if self.local or not self._dir_ready:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self._dir_ready = True
+
     def _list_names(self) -> list[str]:
+        # A fresh listing, and none kept: s3fs would otherwise answer later existence and size questions
+        # from this snapshot (its dircache) instead of from the store as it is then.
         try:
-            entries = self.fs.ls(self.root, detail=False)
+            entries = self.fs.ls(self.root, detail=False, refresh=True)
         except FileNotFoundError:
             return []
+        finally:
+            self.fs.invalidate_cache(self.root)
         return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
     # -------------------------------------------------------------------------------------- manifest
@@ -214,9 +240,29 @@ class CheckpointStore:
             manifest = manifest.with_record(rec.with_changes(seq=seq))
         return manifest
 
+    @contextlib.contextmanager
+    def _publishing(self, name: str) -> Iterator[None]:
+        """Announce ``name`` with an intent marker while the block publishes it; :meth:`_retract` ends it.
+
+        Data is published under its final name before the manifest commits it, and a crash in between
+        leaves a file no record names: the marker lets the next sweep prove that file ours. If the block
+        fails, the commit strategy published nothing and the marker goes at once.
+        """
+        self.fs.pipe_file(self.path(atomicity.intent_name(name)), b"")
+        try:
+            yield
+        except BaseException:
+            self._retract(name)
+            raise
+
+    def _retract(self, name: str) -> None:
+        try:
+            self.fs.rm_file(self.path(atomicity.intent_name(name)))
+        except OSError as e:  # harmless: the sweep removes it, and the file it names is committed
+            log.warning("could not remove %s: %s", self.url_for(atomicity.intent_name(name)), e)
+
     def _write_manifest(self, manifest: Manifest) -> None:
-        with self.commit.open_write(self.manifest_path) as f:
-            f.write(manifest.encode())
+        self.commit.write_bytes(self.manifest_path, manifest.encode())
         self._manifest = manifest
 
     # ------------------------------------------------------------------------------------ writing
@@ -265,8 +311,8 @@ class CheckpointStore:
             manifest = (
                 self.manifest()
             )  # read before the new file exists, so it is never mistaken for an orphan
-            self.fs.makedirs(self.root, exist_ok=True)
-            with self.commit.open_write(path) as f:
+            self._ensure_dir()
+            with self._publishing(name), self.commit.open_write(path) as f:
                 size, checksum = serialization.dump(obj, f, serializer)
             record = CheckpointRecord(
                 name=name,
@@ -282,6 +328,7 @@ class CheckpointStore:
                 monitor=monitor,
             )
             self._write_manifest(manifest.with_record(record))
+            self._retract(name)
         elapsed = time.perf_counter() - start
         if self.verbose:
             log.info(
@@ -299,10 +346,12 @@ class CheckpointStore:
             record = self.manifest().get(src)
             if record is None:
                 raise FileNotFoundError(f"{self.url_for(src)} is not a committed checkpoint of this store")
-            self.commit.copy(self.path(src), self.path(dst))
+            with self._publishing(dst):
+                self.commit.copy(self.path(src), self.path(dst))
             manifest = self.manifest()
             new = record.with_changes(name=dst, role=role or role_of_name(dst), seq=manifest.next_seq)
             self._write_manifest(manifest.with_record(new))
+            self._retract(dst)
         if self.verbose:
             log.info("committed %s as a copy of %s", self.url_for(dst), src)
         return new
@@ -349,19 +398,29 @@ class CheckpointStore:
         record = self.manifest().get(name)
         if record is None:
             raise FileNotFoundError(f"{self.url_for(name)} is not a committed checkpoint of this store")
+        if not self.local:
+            self._fetch_verified(record, None)
+            return record
         try:
             size, checksum = self._checksum(name)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{self.url_for(name)} is listed in the manifest but missing") from e
-        if size != record.size:
-            raise CheckpointCorruptError(
-                self.url_for(name), f"{size} bytes on disk, the manifest recorded {record.size} (truncated?)"
-            )
-        if checksum != record.checksum:
-            raise CheckpointCorruptError(
-                self.url_for(name), f"checksum {checksum} does not match the manifest's {record.checksum}"
-            )
+        serialization.check(self.url_for(name), size, checksum, record.size, record.checksum)
         return record
+
+    def _fetch_verified(self, record: CheckpointRecord, sink: IO[bytes] | None) -> None:
+        """Remote read in one pass, checked against ``record``; the bytes are copied into ``sink`` if given.
+
+        Each byte crosses the network once (a verify pass and then a load pass would read it twice), and
+        what is loaded from ``sink`` is exactly what was verified.
+        """
+        display = self.url_for(record.name)
+        try:
+            f = self.fs.open(self.path(record.name), "rb", block_size=REMOTE_READ_BLOCK, cache_type="none")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{display} is listed in the manifest but missing") from e
+        with f:
+            serialization.read_verified(f, display, record.size, record.checksum, sink, REMOTE_READ_BLOCK)
 
     def load(
         self,
@@ -378,9 +437,21 @@ class CheckpointStore:
             FileNotFoundError, CheckpointCorruptError, UnsafeCheckpointError.
         """
         start = time.perf_counter()
-        if verify and name in self.manifest().records:
-            self.verify(name)
-        obj = self._load_raw(name, map_location=map_location, trusted=trusted, serializer=serializer)
+        record = self.manifest().get(name) if verify else None
+        if record is not None and not self.local:
+            with serialization.spool(record.size) as buffer:
+                self._fetch_verified(record, buffer)
+                obj = serialization.load(
+                    buffer,
+                    self.url_for(name),
+                    map_location=map_location,
+                    trusted=trusted,
+                    serializer=serializer,
+                )
+        else:
+            if record is not None:
+                self.verify(name)
+            obj = self._load_raw(name, map_location=map_location, trusted=trusted, serializer=serializer)
         log.debug("loaded %s in %.2fs", self.url_for(name), time.perf_counter() - start)
         return obj
 

@@ -7,11 +7,17 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import pytest
+from s3server import S3Server
+
+from lightning_genesis_ckpt import CheckpointStore
+
+BUCKET = "genesis-tests"
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -28,17 +34,75 @@ def _propagate_library_logs() -> Iterator[None]:
     logger.propagate = old
 
 
-@pytest.fixture(params=["local", "memory"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty checkpoint directory URL on each backend of the conformance suite."""
-    if request.param == "local":
-        yield str(tmp_path / "ckpts")
-    else:
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3-protocol server on a free loopback port, with one bucket; stopped when the session ends."""
+    server = S3Server().start()
+    try:
+        fsspec.filesystem("s3", skip_instance_cache=True, **server.storage_options()).mkdir(BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class StoreTarget:
+    """A checkpoint directory as a user names it: a URL plus the ``storage_options`` fsspec needs for it."""
+
+    backend: str
+    url: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    server: S3Server | None = None
+
+    def __str__(self) -> str:
+        return self.url
+
+    def store(self, **kwargs: Any) -> CheckpointStore:
+        """A new store over this directory (as a new process would open it)."""
+        return CheckpointStore(self.url, self.storage_options, **kwargs)
+
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """A filesystem of its own for the test to look at (or damage) the directory behind the store's back."""
+        fs, _ = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **self.storage_options)
+        return fs
+
+    def names(self) -> list[str]:
+        """Sorted names of every file in the directory, listed fresh."""
+        fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **self.storage_options)
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+        except FileNotFoundError:
+            return []
+
+
+def make_target(request: pytest.FixtureRequest, tmp_path: Path, backend: str) -> StoreTarget:
+    """A fresh, empty checkpoint directory on ``backend`` (``local``, ``memory`` or ``s3``).
+
+    ``s3`` is ``s3://genesis-tests/<unique prefix>/ckpts`` on the loopback moto server, reached through s3fs
+    with the storage options a user would pass.
+    """
+    if backend == "local":
+        return StoreTarget("local", str(tmp_path / "ckpts"))
+    if backend == "memory":
         url = f"memory://genesis-tests/{uuid.uuid4().hex}"
-        yield url
-        fs = fsspec.filesystem("memory")
-        if fs.exists(url):
-            fs.rm(url, recursive=True)
+
+        def cleanup() -> None:
+            fs = fsspec.filesystem("memory")
+            if fs.exists(url):
+                fs.rm(url, recursive=True)
+
+        request.addfinalizer(cleanup)
+        return StoreTarget("memory", url)
+    if backend == "s3":
+        server: S3Server = request.getfixturevalue("s3_server")
+        return StoreTarget("s3", f"s3://{BUCKET}/{uuid.uuid4().hex}/ckpts", server.storage_options(), server)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> StoreTarget:
+    """A fresh, empty checkpoint directory on each backend of the conformance suite."""
+    return make_target(request, tmp_path, request.param)
 
 
 def run_script(*args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -54,7 +118,11 @@ def run_script(*args: str, timeout: float = 240, check: bool = True) -> subproce
     return proc
 
 
-def train(dirpath: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def train(dirpath: str | StoreTarget, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run tests/scripts/train.py on ``dirpath``; a StoreTarget's storage options go along as JSON."""
+    if isinstance(dirpath, StoreTarget):
+        extra = ("--storage-options", json.dumps(dirpath.storage_options), *extra)
+        dirpath = dirpath.url
     return run_script(str(SCRIPTS / "train.py"), dirpath, *extra, check=check)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import StoreTarget
 from models import FLAVOURS, RaiseAt, TinyModel, flavour, loaders, make_trainer
 
 from lightning_genesis_ckpt import CheckpointStore, GenesisCheckpoint, MonitorNotFoundError
@@ -18,7 +19,7 @@ STEPS_PER_EPOCH = 12  # 192 training samples / batch size 16
 
 
 def fit(
-    dirpath: str,
+    dirpath: str | StoreTarget,
     epochs: int,
     *,
     model: pl.LightningModule | None = None,
@@ -28,6 +29,9 @@ def fit(
     lightning: str = "pytorch_lightning",
     **cb_kwargs: Any,
 ):
+    if isinstance(dirpath, StoreTarget):
+        cb_kwargs.setdefault("storage_options", dirpath.storage_options)
+        dirpath = dirpath.url
     f = flavour(lightning)
     f.pl.seed_everything(seed)
     model = model or f.TinyModel()
@@ -48,11 +52,13 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max().item()}"
 
 
-def test_resume_is_bit_exact(store_url: str, tmp_path: Path) -> None:
+def test_resume_is_bit_exact(store_url: StoreTarget, tmp_path: Path) -> None:
     straight, _, _ = fit(str(tmp_path / "straight"), 4)
     fit(store_url, 2)
     resumed, trainer, cb = fit(store_url, 4)
     assert cb.resumed_from is not None and cb.resumed_from.name == "checkpoint_epoch_1.pth"
+    # The path Lightning restored from is the URL, protocol and all.
+    assert trainer.ckpt_path == cb.store.url_for("checkpoint_epoch_1.pth")
     assert trainer.global_step == 4 * STEPS_PER_EPOCH
     assert_bit_identical(weights(straight), weights(resumed))
     # The optimizer and scheduler states came back too, not just the weights.
@@ -119,20 +125,20 @@ def test_auto_resume_off_starts_fresh(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
 def test_corrupt_newest_falls_back_with_warning(
-    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+    store_url: StoreTarget, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    d = str(tmp_path / "ck")
-    fit(d, 3)
-    newest = os.path.join(d, "checkpoint_epoch_2.pth")
+    fit(store_url, 3)
+    # Damaged behind the store's back (on S3: overwritten through the server by another client).
+    fs = store_url.fs()
+    newest = store_url.store().path("checkpoint_epoch_2.pth")
     if damage == "truncate":
-        os.truncate(newest, os.path.getsize(newest) // 2)
+        fs.pipe_file(newest, fs.cat_file(newest)[: fs.size(newest) // 2])
     elif damage == "garbage":
-        with open(newest, "wb") as f:
-            f.write(os.urandom(4096))
+        fs.pipe_file(newest, os.urandom(4096))
     else:
-        os.remove(newest)
+        fs.rm_file(newest)
     with caplog.at_level(logging.WARNING):
-        _, trainer, cb = fit(d, 4)
+        _, trainer, cb = fit(store_url, 4)
     assert "skipping checkpoint" in caplog.text and "checkpoint_epoch_2.pth" in caplog.text
     assert cb.resumed_from is not None and cb.resumed_from.name == "checkpoint_epoch_1.pth"
     assert trainer.global_step == 4 * STEPS_PER_EPOCH
@@ -162,22 +168,22 @@ class ScriptedScore(TinyModel):
         self.log("score", self.scores[self.current_epoch])
 
 
-def test_retention_keep_last_top_k_and_best(tmp_path: Path) -> None:
-    d = str(tmp_path / "ck")
+def test_retention_keep_last_top_k_and_best(store_url: StoreTarget) -> None:
     scores = [5.0, 1.0, 4.0, 3.0, 2.0, 6.0]  # epoch 1 is best, epoch 4 second best
-    fit(d, 6, model=ScriptedScore(scores), monitor="score", mode="min", keep_last=2, save_top_k=2)
-    files = sorted(n for n in os.listdir(d) if n.endswith(".pth"))
+    fit(store_url, 6, model=ScriptedScore(scores), monitor="score", mode="min", keep_last=2, save_top_k=2)
+    files = [n for n in store_url.names() if n.endswith(".pth")]
     assert files == [
         "best_model.pth",
         "checkpoint_epoch_1.pth",
         "checkpoint_epoch_4.pth",
         "checkpoint_epoch_5.pth",
     ]
-    store = CheckpointStore(d)
+    store = store_url.store()
     assert sorted(store.manifest().records) == [*files]
     best = store.manifest().get("best_model.pth")
     assert best is not None and best.epoch == 1 and best.metric() == 1.0
-    assert Path(d, "best_model.pth").read_bytes() == Path(d, "checkpoint_epoch_1.pth").read_bytes()
+    fs = store_url.fs()
+    assert fs.cat_file(store.path("best_model.pth")) == fs.cat_file(store.path("checkpoint_epoch_1.pth"))
 
 
 def test_rolling_order_is_numeric_past_ten_epochs(tmp_path: Path) -> None:
@@ -211,20 +217,19 @@ def test_every_n_epochs(tmp_path: Path) -> None:
     ]
 
 
-def test_exception_writes_snapshot_and_resume_uses_it(tmp_path: Path) -> None:
-    d = str(tmp_path / "ck")
+def test_exception_writes_snapshot_and_resume_uses_it(store_url: StoreTarget) -> None:
     with pytest.raises(RuntimeError, match="injected failure"):
-        fit(d, 4, extra=[RaiseAt(epoch=2, batch=5)])
-    store = CheckpointStore(d)
+        fit(store_url, 4, extra=[RaiseAt(epoch=2, batch=5)])
+    store = store_url.store()
     snap = store.manifest().get("interrupt_checkpoint.pth")
     assert snap is not None and snap.role == "interrupt"
     assert snap.global_step == 2 * STEPS_PER_EPOCH + 5
-    _, trainer, cb = fit(d, 4)
+    _, trainer, cb = fit(store_url, 4)
     assert cb.resumed_from is not None and cb.resumed_from.name == "interrupt_checkpoint.pth"
     assert trainer.global_step == 4 * STEPS_PER_EPOCH
     # Retired once a newer checkpoint committed.
-    assert CheckpointStore(d).manifest().get("interrupt_checkpoint.pth") is None
-    assert not os.path.exists(os.path.join(d, "interrupt_checkpoint.pth"))
+    assert store_url.store().manifest().get("interrupt_checkpoint.pth") is None
+    assert "interrupt_checkpoint.pth" not in store_url.names()
 
 
 def test_snapshot_survives_a_crash_right_after_resuming(tmp_path: Path) -> None:

@@ -5,24 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import result_of, train
-
-from lightning_genesis_ckpt import CheckpointStore
+from conftest import make_target, result_of, train
+from s3server import SECRET_KEY
 
 STEPS_PER_EPOCH = 12
 
 
 @pytest.mark.parametrize(
-    ("how", "lightning"),
+    ("backend", "how", "lightning"),
     [
-        ("SIGINT", "pytorch_lightning"),
-        ("SIGTERM", "pytorch_lightning"),
-        ("exception", "pytorch_lightning"),
-        ("SIGTERM", "lightning.pytorch"),
+        ("local", "SIGINT", "pytorch_lightning"),
+        ("local", "SIGTERM", "pytorch_lightning"),
+        ("local", "exception", "pytorch_lightning"),
+        ("local", "SIGTERM", "lightning.pytorch"),
+        ("s3", "SIGTERM", "pytorch_lightning"),
     ],
 )
-def test_interrupt_mid_epoch_snapshot_then_resume(tmp_path: Path, how: str, lightning: str) -> None:
-    d = str(tmp_path / "ck")
+def test_interrupt_mid_epoch_snapshot_then_resume(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str, how: str, lightning: str
+) -> None:
+    d = make_target(request, tmp_path, backend)
     trigger = ["--raise-at"] if how == "exception" else ["--signal", how]
     trigger += ["--flavour", lightning]
     first = train(d, "--epochs", "4", *trigger, "--at-epoch", "2", "--at-batch", "5", check=False)
@@ -30,8 +32,9 @@ def test_interrupt_mid_epoch_snapshot_then_resume(tmp_path: Path, how: str, ligh
     assert first.returncode != 0 or how == "SIGTERM", first.stdout + first.stderr
     assert "RESULT:" not in first.stdout, "fit must not have returned normally"
     assert "snapshot saved" in first.stderr
+    assert f"{d.store().url_for('interrupt_checkpoint.pth')} (epoch 2" in first.stderr
 
-    store = CheckpointStore(d)
+    store = d.store()
     snap = store.manifest().get("interrupt_checkpoint.pth")
     assert snap is not None and snap.epoch == 2
     # SIGINT lands inside the batch; SIGTERM is acted on by Lightning at the next batch boundary.
@@ -44,13 +47,16 @@ def test_interrupt_mid_epoch_snapshot_then_resume(tmp_path: Path, how: str, ligh
     ]
     store.verify("interrupt_checkpoint.pth")
 
-    second = result_of(train(d, "--epochs", "4", "--flavour", lightning))
+    second_run = train(d, "--epochs", "4", "--flavour", lightning)
+    second = result_of(second_run)
     assert second["resumed_from"] == "interrupt_checkpoint.pth"
     assert second["resumed_step"] == snap.global_step  # finished epochs were not redone
     assert second["global_step"] == 4 * STEPS_PER_EPOCH and second["epoch"] == 4
-    after = CheckpointStore(d).manifest()
+    after = d.store().manifest()
     assert "interrupt_checkpoint.pth" not in after.records
-    assert not (Path(d) / "interrupt_checkpoint.pth").exists()
+    assert "interrupt_checkpoint.pth" not in d.names()
+    for proc in (first, second_run):
+        assert SECRET_KEY not in proc.stdout + proc.stderr
 
 
 def test_interrupted_run_resumed_at_epoch_boundary_matches_uninterrupted(tmp_path: Path) -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import zlib
 
+import fsspec
 import pytest
 import torch
+from conftest import StoreTarget
 
-from lightning_genesis_ckpt import CheckpointCorruptError, CheckpointStore, ManifestError
+from lightning_genesis_ckpt import CheckpointCorruptError, CheckpointStore, ManifestError, resolve
 from lightning_genesis_ckpt.atomicity import TMP_PREFIX
 from lightning_genesis_ckpt.manifest import MANIFEST_NAME
 
@@ -34,8 +37,8 @@ class Unpicklable:
         raise RuntimeError("cannot pickle this on purpose")
 
 
-def test_save_load_roundtrip_and_record(store_url: str) -> None:
-    store = CheckpointStore(store_url)
+def test_save_load_roundtrip_and_record(store_url: StoreTarget) -> None:
+    store = store_url.store()
     obj = state(1)
     rec = store.save("a.pth", obj, epoch=3, global_step=30, metrics={"val_loss": 0.5}, monitor="val_loss")
     assert rec.size == len(raw_bytes(store, "a.pth"))
@@ -47,13 +50,13 @@ def test_save_load_roundtrip_and_record(store_url: str) -> None:
     assert loaded["genesis_ckpt"]["global_step"] == 30
     assert "genesis_ckpt" not in obj, "the caller's dict must not be modified"
     # A second store over the same URL reads the same committed state from the manifest.
-    again = CheckpointStore(store_url)
+    again = store_url.store()
     assert [r.name for r in again.records()] == ["a.pth"]
     assert again.manifest().get("a.pth") == rec
 
 
-def test_overwrite_replaces_record_with_newer_seq(store_url: str) -> None:
-    store = CheckpointStore(store_url)
+def test_overwrite_replaces_record_with_newer_seq(store_url: StoreTarget) -> None:
+    store = store_url.store()
     first = store.save("x.pth", state(1))
     second = store.save("x.pth", state(2))
     assert second.seq > first.seq
@@ -61,19 +64,70 @@ def test_overwrite_replaces_record_with_newer_seq(store_url: str) -> None:
     assert torch.equal(store.load("x.pth")["w"], state(2)["w"])
 
 
-def test_failed_save_leaves_previous_file_intact(store_url: str) -> None:
-    store = CheckpointStore(store_url)
+def test_failed_save_leaves_previous_file_intact(store_url: StoreTarget) -> None:
+    store = store_url.store()
     good = store.save("x.pth", state(1))
     before = raw_bytes(store, "x.pth")
     with pytest.raises(RuntimeError, match="on purpose"):
         store.save("x.pth", {"w": torch.ones(10), "bad": Unpicklable()})
     assert raw_bytes(store, "x.pth") == before
-    assert CheckpointStore(store_url).manifest().get("x.pth") == good
+    assert store_url.store().manifest().get("x.pth") == good
     assert not [n for n in store._list_names() if n.startswith(TMP_PREFIX)]
 
 
-def test_copy_is_byte_identical_and_committed(store_url: str) -> None:
-    store = CheckpointStore(store_url)
+class ManifestWriteFails(CheckpointStore):
+    """A store whose manifest writes fail once ``fail`` is set: a crash after the data is published."""
+
+    fail = False
+
+    def _write_manifest(self, manifest) -> None:
+        if self.fail:
+            raise OSError(errno.EIO, "manifest write failed (injected)")
+        super()._write_manifest(manifest)
+
+
+def test_published_but_uncommitted_file_is_ignored_then_swept(
+    store_url: StoreTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = ManifestWriteFails(store_url.url, store_url.storage_options)
+    store.save("checkpoint_epoch_0.pth", state(0), role="epoch", global_step=1)
+    write_raw(store, "checkpoint_epoch_7.pth", b"a user's file the manifest does not list")
+    store.fail = True
+    with pytest.raises(OSError, match="injected"):
+        store.save("checkpoint_epoch_1.pth", state(1), role="epoch", global_step=2)
+    # The data is complete under its final name, but nothing lists it: resume never sees it.
+    assert "checkpoint_epoch_1.pth" in store_url.names()
+    fresh = store_url.store()
+    assert [r.name for r in fresh.records()] == ["checkpoint_epoch_0.pth"]
+    assert resolve(fresh).record.name == "checkpoint_epoch_0.pth"
+    # The next start sweeps it (its intent marker proves it ours); files it cannot prove ours stay.
+    with caplog.at_level(logging.WARNING):
+        assert "checkpoint_epoch_1.pth" in fresh.sweep_temp()
+    assert "never committed" in caplog.text and "could not remove" not in caplog.text
+    assert store_url.names() == ["checkpoint_epoch_0.pth", "checkpoint_epoch_7.pth", MANIFEST_NAME]
+
+
+def test_reused_name_caught_between_publish_and_commit_is_skipped(
+    store_url: StoreTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = ManifestWriteFails(store_url.url, store_url.storage_options)
+    store.save("checkpoint_epoch_0.pth", state(0), role="epoch", global_step=10)
+    store.save("interrupt_checkpoint.pth", state(1), role="interrupt", global_step=15)
+    store.fail = True
+    with pytest.raises(OSError, match="injected"):
+        store.save("interrupt_checkpoint.pth", state(2), role="interrupt", global_step=18)
+    fresh = store_url.store()
+    fresh.sweep_temp()  # the file is listed: the sweep leaves it to resume's verification
+    with caplog.at_level(logging.WARNING):
+        found = resolve(fresh)
+    # The record still describes the old bytes: never half-visible, skipped with a warning.
+    assert found.record is not None and found.record.name == "checkpoint_epoch_0.pth"
+    assert [n for n, _ in found.skipped] == ["interrupt_checkpoint.pth"]
+    assert "interrupt_checkpoint.pth" in caplog.text
+
+
+def test_copy_is_byte_identical_and_committed(store_url: StoreTarget) -> None:
+    store = store_url.store()
     src = store.save("checkpoint_epoch_1.pth", state(1), epoch=1, global_step=10)
     dst = store.copy("checkpoint_epoch_1.pth", "best_model.pth")
     assert dst.role == "best" and dst.checksum == src.checksum and dst.seq > src.seq
@@ -84,8 +138,8 @@ def test_copy_is_byte_identical_and_committed(store_url: str) -> None:
     store.verify("best_model.pth")
 
 
-def test_delete_touches_only_listed_files(store_url: str) -> None:
-    store = CheckpointStore(store_url)
+def test_delete_touches_only_listed_files(store_url: StoreTarget) -> None:
+    store = store_url.store()
     store.save("a.pth", state(1))
     write_raw(store, "users_notes.txt", b"mine")
     assert store.delete(["a.pth", "users_notes.txt", "never_existed.pth"]) == ["a.pth"]
@@ -102,8 +156,8 @@ def test_delete_touches_only_listed_files(store_url: str) -> None:
         pytest.param(lambda b: b"", id="zero-length"),
     ],
 )
-def test_verify_detects_damage(store_url: str, damage) -> None:
-    store = CheckpointStore(store_url)
+def test_verify_detects_damage(store_url: StoreTarget, damage) -> None:
+    store = store_url.store()
     store.save("a.pth", state(1))
     write_raw(store, "a.pth", damage(raw_bytes(store, "a.pth")))
     with pytest.raises(CheckpointCorruptError, match=r"a\.pth"):
@@ -112,8 +166,10 @@ def test_verify_detects_damage(store_url: str, damage) -> None:
         store.load("a.pth")
 
 
-def test_missing_manifest_is_rebuilt_with_warning(store_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    store = CheckpointStore(store_url)
+def test_missing_manifest_is_rebuilt_with_warning(
+    store_url: StoreTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = store_url.store()
     store.save("checkpoint_epoch_0.pth", state(0), epoch=0, global_step=5, metrics={"m": 1.0}, monitor="m")
     store.save("checkpoint_epoch_1.pth", state(1), epoch=1, global_step=10)
     write_raw(store, "users_file.pth", b"not ours")
@@ -121,7 +177,7 @@ def test_missing_manifest_is_rebuilt_with_warning(store_url: str, caplog: pytest
     original = store.manifest()
     store.fs.rm_file(store.manifest_path)
     with caplog.at_level(logging.WARNING):
-        rebuilt = CheckpointStore(store_url).manifest()
+        rebuilt = store_url.store().manifest()
     assert "missing; rebuilding" in caplog.text
     assert sorted(rebuilt.records) == ["checkpoint_epoch_0.pth", "checkpoint_epoch_1.pth"]
     for name, rec in rebuilt.records.items():
@@ -137,28 +193,30 @@ def test_missing_manifest_is_rebuilt_with_warning(store_url: str, caplog: pytest
     assert rebuilt.records["checkpoint_epoch_1.pth"].seq > rebuilt.records["checkpoint_epoch_0.pth"].seq
 
 
-def test_garbage_manifest_is_rebuilt_with_warning(store_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    store = CheckpointStore(store_url)
+def test_garbage_manifest_is_rebuilt_with_warning(
+    store_url: StoreTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = store_url.store()
     store.save("checkpoint_epoch_0.pth", state(0), epoch=0, global_step=5)
     write_raw(store, MANIFEST_NAME, b"{not json")
     with caplog.at_level(logging.WARNING):
-        rebuilt = CheckpointStore(store_url).manifest()
+        rebuilt = store_url.store().manifest()
     assert "not valid JSON" in caplog.text
     assert list(rebuilt.records) == ["checkpoint_epoch_0.pth"]
 
 
-def test_newer_manifest_format_is_refused_not_overwritten(store_url: str) -> None:
-    store = CheckpointStore(store_url)
+def test_newer_manifest_format_is_refused_not_overwritten(store_url: StoreTarget) -> None:
+    store = store_url.store()
     store.save("a.pth", state(0))
     doc = json.loads(raw_bytes(store, MANIFEST_NAME))
     doc["version"] = 99
     write_raw(store, MANIFEST_NAME, json.dumps(doc).encode())
     with pytest.raises(ManifestError, match="newer format version 99"):
-        CheckpointStore(store_url).manifest()
+        store_url.store().manifest()
 
 
-def test_sweep_removes_only_our_temp_files(store_url: str) -> None:
-    store = CheckpointStore(store_url)
+def test_sweep_removes_only_our_temp_files(store_url: StoreTarget) -> None:
+    store = store_url.store()
     store.save("a.pth", state(0))
     write_raw(store, f"{TMP_PREFIX}0123456789ab-a.pth", b"partial")
     write_raw(store, "tmp_user_file", b"keep")
@@ -167,28 +225,31 @@ def test_sweep_removes_only_our_temp_files(store_url: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["../escape.pth", "a/b.pth", "..", ".", "", "x\x00y", "..\\x.pth"])
-def test_names_cannot_escape_the_directory(store_url: str, name: str) -> None:
-    store = CheckpointStore(store_url)
+def test_names_cannot_escape_the_directory(store_url: StoreTarget, name: str) -> None:
+    store = store_url.store()
     with pytest.raises(ValueError, match="invalid checkpoint file name"):
         store.save(name, state(0))
 
 
-def test_reserved_names_are_refused(store_url: str) -> None:
-    store = CheckpointStore(store_url)
+def test_reserved_names_are_refused(store_url: StoreTarget) -> None:
+    store = store_url.store()
     with pytest.raises(ValueError, match="reserved"):
         store.save(MANIFEST_NAME, state(0))
 
 
-def test_url_for_keeps_the_protocol(store_url: str) -> None:
-    store = CheckpointStore(store_url)
+def test_url_for_keeps_the_protocol(store_url: StoreTarget) -> None:
+    store = store_url.store()
     url = store.url_for("a.pth")
     assert url.endswith("/a.pth")
-    if "://" in store_url:
-        assert url.startswith(store_url.split("://")[0] + "://")
+    if "://" in store_url.url:
+        assert url.startswith(store_url.url.split("://")[0] + "://")
+        # ...and names the same file when handed back to fsspec, as Lightning does with ckpt_path.
+        fs, path = fsspec.core.url_to_fs(url, **store_url.storage_options)
+        assert path == store.path("a.pth") and type(fs) is type(store.fs)
 
 
-def test_unsafe_pickle_is_refused(store_url: str, tmp_path) -> None:
-    store = CheckpointStore(store_url)
+def test_unsafe_pickle_is_refused(store_url: StoreTarget, tmp_path) -> None:
+    store = store_url.store()
     marker = tmp_path / "pwned"
     store.save("evil.pth", {"x": Exploit(str(marker))}, embed_metadata=False)
     from lightning_genesis_ckpt import UnsafeCheckpointError

@@ -38,13 +38,16 @@ def main() -> None:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--flavour", choices=FLAVOURS, default="pytorch_lightning")
+    p.add_argument("--storage-options", type=json.loads, default=None, help="JSON passed to fsspec")
     args = p.parse_args()
 
     f = flavour(args.flavour)
     f.pl.seed_everything(0)
     model = f.TinyModel(hidden=args.hidden, width=args.width)
     train, val = loaders(width=args.width)
-    callbacks: list[Any] = [GenesisCheckpoint(args.dirpath, monitor="val_loss")]
+    callbacks: list[Any] = [
+        GenesisCheckpoint(args.dirpath, monitor="val_loss", storage_options=args.storage_options)
+    ]
     if args.signal:
         callbacks.append(f.SignalAt(args.at_epoch, args.at_batch, SIGNALS[args.signal]))
     if args.raise_at:
