@@ -80,7 +80,9 @@ class RenameCommit:
             self._before_rename(tmp, path)
             os.replace(tmp, path)
         except BaseException:
-            f.close()
+            # On a full disk closing fails too (it flushes the buffer): the temp file must go regardless.
+            with contextlib.suppress(OSError):
+                f.close()
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
             raise

@@ -37,11 +37,18 @@ class ChecksumWriter:
         self._raw = raw
         self.size = 0
         self._crc = 0
+        #: The first error the underlying file raised. torch.save turns it into an unrelated RuntimeError
+        #: ("unexpected pos ..."), so :func:`dump` re-raises this one instead.
+        self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         self._crc = zlib.crc32(view, self._crc)
-        self._raw.write(view)
+        try:
+            self._raw.write(view)
+        except OSError as e:
+            self.error = self.error or e
+            raise
         self.size += len(view)
         return len(view)
 
@@ -57,16 +64,24 @@ def dump(obj: Any, fileobj: IO[bytes], serializer: Serializer = "torch") -> tupl
     """Serialize ``obj`` straight into ``fileobj``; returns ``(size, checksum)``.
 
     The serialized bytes are never held in a second in-memory buffer.
-    """
-    writer = ChecksumWriter(fileobj)
-    if serializer == "torch":
-        torch.save(obj, writer)  # type: ignore[arg-type]
-    elif serializer == "dill":
-        import dill
 
-        torch.save(obj, writer, pickle_module=dill)  # type: ignore[arg-type]
-    else:
+    Raises:
+        OSError: writing to ``fileobj`` failed (disk full, I/O error): the file's own error, with its errno.
+    """
+    if serializer not in ("torch", "dill"):
         raise ValueError(f"serializer must be 'torch' or 'dill', got {serializer!r}")
+    writer = ChecksumWriter(fileobj)
+    try:
+        if serializer == "torch":
+            torch.save(obj, writer)  # type: ignore[arg-type]
+        else:
+            import dill
+
+            torch.save(obj, writer, pickle_module=dill)  # type: ignore[arg-type]
+    except Exception:
+        if writer.error is not None:  # the disk's error (ENOSPC, EIO), not torch's rewording of it
+            raise writer.error from None
+        raise
     writer.flush()
     return writer.size, writer.checksum
 
