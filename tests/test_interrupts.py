@@ -21,6 +21,7 @@ def test_interrupt_mid_epoch_snapshot_then_resume(tmp_path: Path, how: str) -> N
     assert first.returncode != 0 or how == "SIGTERM", first.stdout + first.stderr
     assert "RESULT:" not in first.stdout, "fit must not have returned normally"
     assert "snapshot saved" in first.stderr
+    assert not (Path(d) / "genesis.lock").exists(), "the interrupted run must release its lock"
 
     store = CheckpointStore(d)
     snap = store.manifest().get("interrupt_checkpoint.pth")
