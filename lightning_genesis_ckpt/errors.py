@@ -62,8 +62,8 @@ class CheckpointSaveError(GenesisCheckpointError, OSError):
 
     def __init__(self, path: str, cause: OSError, intact: str) -> None:
         message = (
-            f"could not save checkpoint {path!r}: {cause.strerror or cause}. Nothing committed was changed: "
-            f"{intact}. Training stops here rather than go on unprotected; fix the storage (free space, check "
+            f"could not save checkpoint {path!r}: {cause.strerror or cause}. The checkpoints committed before "
+            f"are intact and listed: {intact}. Training stops here rather than go on unprotected; fix the storage (free space, check "
             f"the mount or network) and run the same command again to resume from the newest checkpoint."
         )
         # OSError(errno, strerror) keeps ``.errno``; with no errno it would print "[Errno None]".

@@ -366,22 +366,25 @@ class CheckpointStore:
             raise self._save_failed(record.name, e, replacing) from e
 
     def _save_failed(self, name: str, error: OSError, replacing: bool) -> CheckpointSaveError:
-        if not replacing:
-            # Uncommitted, and it would only take space on a disk that may be full. A replaced file is kept:
-            # the manifest lists it as ``replacing``, and it is either the old content or the complete new one.
+        committed = list((self._manifest or Manifest()).records.values())
+        if replacing:
+            # Kept: the manifest lists it as ``replacing``, so it is either the old content or the complete
+            # new one. Re-read (and settle) the manifest next time, in case the new bytes landed.
+            self._manifest = None
+        else:
+            # Uncommitted, and it would only take space on a disk that may be full.
             try:
                 self.fs.rm_file(self.path(name))
             except FileNotFoundError:
                 pass
             except OSError as e:
                 log.warning("could not remove the uncommitted %s: %s", self.url_for(name), e)
-        committed = (self._manifest or Manifest()).records.values()
         # Newest as resume sees it: most training, then a rolling/snapshot file over its best_model.pth copy.
         newest = max(committed, key=lambda r: (r.global_step or -1, r.role != "best", r.seq), default=None)
         intact = (
-            "no checkpoint was committed in this directory yet"
+            "none was committed in this directory yet"
             if newest is None
-            else f"the newest checkpoint is still {newest.name} (epoch {newest.epoch}, step {newest.global_step})"
+            else f"the newest is {newest.name} (epoch {newest.epoch}, step {newest.global_step})"
         )
         return CheckpointSaveError(self.url_for(name), error, intact)
 

@@ -46,15 +46,16 @@ EPOCHS = 6
 
 @dataclass(frozen=True)
 class Kill:
-    """One planned kill: at the ``count``-th hit of a kill ``point``, or (point None) ``delay`` seconds in."""
+    """One planned kill: at the ``count``-th hit of a kill ``point``; or, with no point, once the fraction
+    ``at`` of the training left to the run has gone by (None: never, the run finishes)."""
 
     point: str | None = None
     count: int = 1
-    delay: float = 0.0
+    at: float | None = None
 
     @property
     def kind(self) -> str:
-        return self.point or "random moment"
+        return self.point or ("random moment" if self.at is not None else "none")
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Inspection:
     expected_step: int | None
     epochs_started: int
     problems: list[str]
+    kind: str = ""
 
 
 @dataclass
@@ -78,6 +80,8 @@ class Tally:
     runs: int = 0
     chains: int = 0
     kills: Counter[str] = field(default_factory=Counter)
+    damaged_by: Counter[str] = field(default_factory=Counter)
+    failed_by: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -183,6 +187,7 @@ class KillExperiment:
         self.zygote = Zygote()
         self.tally = Tally()
         self._straight: str | None = None
+        self._epoch_seconds = 1.0  # measured by the uninterrupted run
         self._chain_dir: Path | None = None
         self._previous: Inspection | None = None
         self._serial = 0
@@ -212,9 +217,11 @@ class KillExperiment:
             status = self.zygote.exit_status(0.01) if started is None else None
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
+        began = time.monotonic()
         if status is None:
-            if kill is not None and kill.point is None:
-                status = self.zygote.exit_status(kill.delay)
+            if kill is not None and kill.point is None and kill.at is not None and started is not None:
+                left = self.epochs - (started["resumed_step"] or 0) / STEPS_PER_EPOCH
+                status = self.zygote.exit_status(kill.at * left * self._epoch_seconds)
                 if status is None:
                     os.kill(pid, signal.SIGKILL)
             status = status if status is not None else self.zygote.exit_status(300)
@@ -222,6 +229,8 @@ class KillExperiment:
                 os.kill(pid, signal.SIGKILL)
                 status = self.zygote.exit_status(60)
                 assert status is not None
+        if kill is None and status == 0:
+            self._epoch_seconds = (time.monotonic() - began) / self.epochs
         return status, log.read_text(), started
 
     def _check_resume(self, started: dict[str, Any] | None, log: str, run: str) -> list[str]:
@@ -269,6 +278,8 @@ class KillExperiment:
         status, log, started = self._run(self._chain_dir, kill)
         took = time.monotonic() - t0
         resume_problems = self._check_resume(started, log, run)
+        # A resume that goes wrong is the fault of the kill before it.
+        blame = self._previous.kind if self._previous is not None else kill.kind
         resumed = "-" if started is None else f"{started['resumed_from']}@{started['resumed_step']}"
         self.tally.events.append(
             f"{self._chain_dir.name} {run}: resumed {resumed}, exit {status}, {took:.1f} s"
@@ -281,8 +292,10 @@ class KillExperiment:
             epochs = [int(line.split()[1]) for line in log.splitlines() if line.startswith("EPOCH ")]
             before = self._previous.epochs_started if self._previous is not None else 0
             found = inspect(str(self._chain_dir), max(epochs, default=before))
+            found.kind = kill.kind
             if found.problems:
                 self.tally.damaged += 1
+                self.tally.damaged_by[kill.kind] += 1
                 self.tally.problems.extend(f"after {run} in {self._chain_dir}: {p}" for p in found.problems)
             self._previous = found
         elif status == 0:
@@ -300,12 +313,13 @@ class KillExperiment:
             self._chain_dir = None
         if resume_problems:
             self.tally.failed_resumes += 1
+            self.tally.failed_by[blame] += 1
             self.tally.problems.extend(resume_problems)
 
     def finish_chain(self) -> None:
         """Let the current chain run to its end, checking the last resume and the final weights."""
         if self._chain_dir is not None:
-            self.trial(Kill(point=None, delay=3600))
+            self.trial(Kill())
 
     def run(self, plans: Iterable[Kill], trials: int, max_runs: int | None = None) -> Tally:
         """Run planned kills until ``trials`` runs were killed (or the plans or ``max_runs`` run out), then
@@ -321,14 +335,15 @@ class KillExperiment:
         self.tally.seconds = time.monotonic() - start
         return self.tally
 
-    def random_plans(self, max_delay: float, points: tuple[str, ...] = POINTS) -> Iterator[Kill]:
-        """Endless kills: at a random moment up to ``max_delay`` s after the run starts, or (half of them,
-        when ``points`` are given) at a random hit of a random kill point."""
+    def random_plans(self, points: tuple[str, ...] = POINTS, max_count: int = 5) -> Iterator[Kill]:
+        """Endless kills: at a random moment of the run (uniform over the training it has left, as timed by
+        the uninterrupted run), or (half of them, when ``points`` are given) at a random hit (1 to
+        ``max_count``) of a random kill point."""
         while True:
             if not points or self.rng.random() < 0.5:
-                yield Kill(delay=self.rng.uniform(0.0, max_delay))
+                yield Kill(at=self.rng.random())
             else:
-                yield Kill(point=self.rng.choice(points), count=self.rng.randint(1, 6))
+                yield Kill(point=self.rng.choice(points), count=self.rng.randint(1, max_count))
 
 
 def _result(log: str) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def test_write_failing_partway_keeps_everything_committed(
         store.save(target, blob(2, 1), epoch=1, global_step=20)
     err = info.value
     assert err.errno == code and isinstance(err, OSError) and isinstance(err.__cause__, OSError)
-    assert target in str(err) and "checkpoint_epoch_0.pth (epoch 0, step 10)" in str(err)
+    assert target in str(err) and "the newest is checkpoint_epoch_0.pth (epoch 0, step 10)" in str(err)
     # Nothing committed changed, nothing half-written is left, and a fresh reader agrees.
     assert store.fs.cat_file(store.path("checkpoint_epoch_0.pth")) == before
     assert names(store) == ["checkpoint_epoch_0.pth", MANIFEST_NAME]
