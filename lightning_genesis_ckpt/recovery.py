@@ -28,16 +28,17 @@ METADATA_KEY = "genesis_ckpt"
 
 
 def record_from_file(
-    store: CheckpointStore, name: str, size: int, checksum: str, role: str | None = None
+    store: CheckpointStore, name: str, size: int, checksum: str, role: str | None = None, *, why: str
 ) -> CheckpointRecord | None:
     """A record for ``name`` from the metadata inside it (``seq`` 0), or None if it has none or won't load.
 
-    The file is loaded weights-only: a file that would need to run code is never trusted here.
+    The file is loaded weights-only: a file that would need to run code is never trusted here. ``why`` starts
+    the warning logged for a file that cannot be loaded.
     """
     try:
         obj = store._load_raw(name, map_location="cpu", trusted=False)
     except (CheckpointCorruptError, UnsafeCheckpointError) as e:
-        log.warning("recovering %s: it cannot be used (%s)", store.url_for(name), e)
+        log.warning("%s: skipping %s (%s)", why, store.url_for(name), e)
         return None
     meta = obj.get(METADATA_KEY) if isinstance(obj, dict) else None
     if not isinstance(meta, dict):
@@ -71,7 +72,7 @@ def rebuild(store: CheckpointStore) -> Manifest:
         except OSError as e:
             log.warning("rebuilding manifest: skipping %s (%s)", store.url_for(name), e)
             continue
-        record = record_from_file(store, name, size, checksum)
+        record = record_from_file(store, name, size, checksum, why="rebuilding manifest")
         if record is not None:
             found.append(record)
     # Commit order is not recoverable from files; creation time (stored inside each file, not the
@@ -94,7 +95,7 @@ def settle_replacements(store: CheckpointStore, manifest: Manifest) -> Manifest:
             continue  # resume reports it as missing, like any other
         if (size, checksum) == (old.size, old.checksum):
             continue  # the new content never became visible: the old record is right
-        new = record_from_file(store, name, size, checksum, role=old.role)
+        new = record_from_file(store, name, size, checksum, role=old.role, why="settling a replacement")
         if new is None:
             log.warning(
                 "%s changed during an interrupted commit and cannot be recovered", store.url_for(name)

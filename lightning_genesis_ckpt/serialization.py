@@ -144,7 +144,7 @@ def load(
     except (UnsafeCheckpointError, CheckpointCorruptError):
         raise
     except Exception as e:
-        if _is_unsafe_error(e) and _looks_like_zip(source):
+        if _is_unsafe_error(e) and _looks_like_pickle(source):
             raise UnsafeCheckpointError(display_path, _first_line(e)) from e
         raise CheckpointCorruptError(
             display_path, f"cannot be read as a torch checkpoint ({_first_line(e)})"
@@ -152,17 +152,24 @@ def load(
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    # torch's weights-only failures open with a paragraph about its defaults; the cause comes after it.
+    if lines and lines[0].startswith("Weights only load failed"):
+        causes = [
+            line for line in lines[1:] if not line.startswith(("Check the documentation", "Please file"))
+        ]
+        lines = causes or lines
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def _looks_like_zip(source: str | IO[bytes]) -> bool:
-    # A file that is not even a zip archive is damaged or foreign, never "unsafe": without this check
-    # random bytes would be reported as a security refusal.
+def _looks_like_pickle(source: str | IO[bytes]) -> bool:
+    # A file that is neither a torch zip archive nor a pickle (torch's legacy format, or a bare pickle) is
+    # damaged or foreign, never "unsafe": without this check random bytes would be reported as a security
+    # refusal. A pickle starts with the PROTO opcode and a protocol number.
     if isinstance(source, str):
         with open(source, "rb") as f:
             head = f.read(4)
     else:
         source.seek(0)
         head = source.read(4)
-    return head == ZIP_MAGIC
+    return head == ZIP_MAGIC or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
