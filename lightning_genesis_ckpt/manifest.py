@@ -181,7 +181,7 @@ class Manifest:
             "next_seq": self.next_seq,
             "checkpoints": [r.to_json() for r in self.sorted()],
         }
-        # Written only when set: a manifest at rest has neither.
+        # Written only when set (``deleting`` may outlive its files until the next start clears it).
         if self.replacing:
             doc["replacing"] = sorted(self.replacing)
         if self.deleting:

@@ -110,11 +110,15 @@ def settle_replacements(store: CheckpointStore, manifest: Manifest) -> Manifest:
 
 
 def finish_deletions(store: CheckpointStore) -> list[str]:
-    """Remove files the manifest un-committed but a dead writer left, and record that they are gone."""
+    """Remove files the manifest un-committed but a dead writer left; returns their names.
+
+    The list usually names files that are gone already: a writer records their removal only with its next
+    manifest write, so the last deletion of every run stays listed until the next start clears it here.
+    """
     manifest = store.manifest()
-    leftover = sorted(manifest.deleting - set(manifest.records))
     if not manifest.deleting:
         return []
+    leftover = sorted(n for n in manifest.deleting - set(manifest.records) if store.fs.exists(store.path(n)))
     removed = store._remove_files(leftover)
     if removed:
         log.warning("removed %s, left behind by an interrupted deletion", ", ".join(removed))

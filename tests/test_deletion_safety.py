@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import uuid
 from collections.abc import Iterator
 
@@ -107,3 +108,12 @@ def test_memory_run_rotates_only_its_own_files() -> None:
     fit(url, 3, model=TinyModel(), keep_last=1)
     files = listing(url)
     assert sorted(files) == sorted(["checkpoint_epoch_2.pth", MANIFEST_NAME, *list(foreign_files())[:3]])
+
+
+def test_a_normal_run_leaves_no_false_alarm_for_the_next(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    d = str(tmp_path / "ck")
+    fit(d, 3, keep_last=1)  # its last deletion is recorded only with the next manifest write
+    with caplog.at_level(logging.WARNING):
+        fit(d, 4, keep_last=1)
+    assert "interrupted deletion" not in caplog.text
+    assert CheckpointStore(d).manifest().deleting <= {"checkpoint_epoch_2.pth"}

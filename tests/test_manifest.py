@@ -95,7 +95,7 @@ def test_intents_roundtrip_and_clear_on_commit() -> None:
         .with_record(rec("b.pth", 2))
         .with_record(rec("best_model.pth", 3))
     )
-    assert b"replacing" not in m.encode() and b"deleting" not in m.encode()  # a manifest at rest has neither
+    assert b"replacing" not in m.encode() and b"deleting" not in m.encode()  # written only when set
     m = m.replacing_file("best_model.pth").without(["a.pth", "never-listed.pth"])
     assert (m.replacing, m.deleting) == ({"best_model.pth"}, {"a.pth"})
     assert Manifest.decode(m.encode(), "m.json") == m
