@@ -44,6 +44,10 @@ class GenesisCheckpoint(Checkpoint):
     crash inside ``fit``), and ``genesis_manifest.json``. Every file is a standard Lightning checkpoint plus
     the global RNG states, loadable with ``torch.load(weights_only=True)``.
 
+    During ``fit`` the run holds ``genesis.lock`` in ``dirpath`` (see :mod:`lightning_genesis_ckpt.lock`): a
+    second run on the same directory fails at setup with :class:`StoreLockedError`. A save that fails (disk
+    full, I/O error) stops training with :class:`CheckpointSaveError`; everything committed stays intact.
+
     Args:
         dirpath: directory path or fsspec URL (``memory://...``, ``s3://bucket/prefix``...).
         monitor: logged metric that decides ``best_model.pth`` and top-k protection; None disables both.
