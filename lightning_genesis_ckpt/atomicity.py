@@ -31,6 +31,8 @@ from typing import IO, Protocol
 from fsspec import AbstractFileSystem
 from fsspec.spec import AbstractBufferedFile
 
+from ._faults import fault_point
+
 TMP_PREFIX = ".genesis-tmp-"
 
 
@@ -74,8 +76,11 @@ class CommitStrategy(Protocol):
         """Commit a byte-identical copy of ``src`` under ``dst`` without re-serializing it."""
         ...
 
-    def write_bytes(self, path: str, data: bytes) -> None:
-        """Commit a small payload that is known up front (the manifest): as few requests as possible."""
+    def write_bytes(self, path: str, data: bytes, *, fault: str | None = None) -> None:
+        """Commit a small payload that is known up front (the manifest): as few requests as possible.
+
+        ``fault`` names the test-only kill point (see :mod:`._faults`) hit while the payload is in flight.
+        """
         ...
 
 
@@ -106,7 +111,9 @@ class RenameCommit:
             self._before_rename(tmp, path)
             os.replace(tmp, path)
         except BaseException:
-            f.close()
+            # On a full disk closing fails too (it flushes the buffer): the temp file must go regardless.
+            with contextlib.suppress(OSError):
+                f.close()
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
             raise
@@ -132,9 +139,12 @@ class RenameCommit:
             raise
         _fsync_dir(directory)
 
-    def write_bytes(self, path: str, data: bytes) -> None:
+    def write_bytes(self, path: str, data: bytes, *, fault: str | None = None) -> None:
         with self.open_write(path) as f:
-            f.write(data)
+            f.write(data[: len(data) // 2])
+            if fault is not None:
+                fault_point(fault)  # half the bytes are in the temp file: the target must stay whole
+            f.write(data[len(data) // 2 :])
 
     def _before_rename(self, tmp: str, final: str) -> None:
         """Hook for failure-injection tests: called after the data is durable, before it is renamed."""
@@ -171,7 +181,9 @@ class DeferredCommit:
         with self.fs.transaction:
             self.fs.cp_file(src, dst)
 
-    def write_bytes(self, path: str, data: bytes) -> None:
+    def write_bytes(self, path: str, data: bytes, *, fault: str | None = None) -> None:
+        if fault is not None:
+            fault_point(fault)  # one request: a kill can only come before it or after it
         # ``pipe_file`` sends a payload known up front as one request where the store has one (S3: a
         # single PUT, visible whole or not at all), instead of the three a deferred multipart upload
         # needs; filesystems without such a primitive fall back to a deferred file in the transaction.

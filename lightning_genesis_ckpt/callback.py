@@ -49,6 +49,10 @@ class GenesisCheckpoint(_CheckpointBase):
 
     It works with ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer`` alike.
 
+    During ``fit`` the run holds ``genesis.lock`` in ``dirpath`` (see :mod:`lightning_genesis_ckpt.lock`): a
+    second run on the same directory fails at setup with :class:`StoreLockedError`. A save that fails (disk
+    full, I/O error) stops training with :class:`CheckpointSaveError`; everything committed stays intact.
+
     Args:
         dirpath: directory path or fsspec URL (``memory://...``, ``s3://bucket/prefix``...).
         monitor: logged metric that decides ``best_model.pth`` and top-k protection; None disables both.
@@ -139,8 +143,15 @@ class GenesisCheckpoint(_CheckpointBase):
         if trainer.is_global_zero:
             # Fail here, before any training step, rather than after the first epoch's work.
             self.store.ensure_writable()
-            self.store.sweep_temp()
-            self.store.manifest(refresh=True)
+            self.store.acquire_lock()
+            try:
+                # Only the lock holder may clean up after a killed writer: it cannot be a live one's files.
+                self.store.sweep_temp()
+                self.store.manifest(refresh=True)
+                self.store.finish_deletions()
+            except BaseException:
+                self.store.release_lock()
+                raise
         if self.auto_resume:
             self._uninstall_resume_hook = install_resume_hook(trainer, lambda: self._resolve_resume(trainer))
 
@@ -149,6 +160,7 @@ class GenesisCheckpoint(_CheckpointBase):
             self._uninstall_resume_hook()
             self._uninstall_resume_hook = None
         self._finish_background_save(raise_errors=False)
+        self.store.release_lock()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         # The end of a successful fit: the last background save must have committed, or the user hears of it.
@@ -292,6 +304,13 @@ class GenesisCheckpoint(_CheckpointBase):
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # A save in flight finishes (and commits) first; its failure must not hide the original exception.
         self._finish_background_save(raise_errors=False)
+        # Lightning calls no teardown hook after an exception: the lock goes here, after the snapshot.
+        try:
+            self._save_snapshot(trainer, exception)
+        finally:
+            self.store.release_lock()
+
+    def _save_snapshot(self, trainer: Any, exception: BaseException) -> None:
         if not (self.save_on_exception and self._training_started and trainer.is_global_zero):
             return
         try:
@@ -322,12 +341,21 @@ class GenesisCheckpoint(_CheckpointBase):
     def _after_commit(self, record: CheckpointRecord) -> None:
         """Retention and snapshot retirement, only ever after a newer checkpoint has committed."""
         records = self.store.records()
-        doomed = rolling_to_delete(records, self.retention)
+        # Never the checkpoint just committed (an explicit ckpt_path can resume from an epoch older than those
+        # kept), nor the one this run resumed from until a checkpoint with more training has committed.
+        protect = {record.name}
+        src = self.resumed_from
+        if src is not None and (record.global_step or 0) <= (src.global_step or 0):
+            protect.add(src.name)
+        doomed = rolling_to_delete(records, self.retention, protect)
         snapshot = self.store.manifest().get(INTERRUPT_NAME)
         if snapshot is not None and (snapshot.global_step or 0) <= (record.global_step or 0):
             doomed.append(INTERRUPT_NAME)
         if doomed:
-            self.store.delete(doomed)
+            try:
+                self.store.delete(doomed)
+            except OSError as e:  # the new checkpoint is committed; the old ones go at a later commit
+                log.warning("could not remove old checkpoints %s: %s", ", ".join(doomed), e)
 
     @staticmethod
     def _metrics(trainer: Any) -> dict[str, float]:

@@ -50,11 +50,25 @@ class ManifestError(GenesisCheckpointError):
 
 
 class StoreLockedError(GenesisCheckpointError):
-    """Another live run holds the checkpoint directory."""
+    """Another live run holds the checkpoint directory (or took it over from this one)."""
 
 
-class CheckpointSaveError(GenesisCheckpointError):
-    """A checkpoint could not be committed. Everything committed before it is intact."""
+class CheckpointSaveError(GenesisCheckpointError, OSError):
+    """A checkpoint could not be committed (disk full, I/O error...). Everything committed before it is intact.
+
+    It is an :class:`OSError` carrying the original ``errno`` (``e.errno == errno.ENOSPC`` for a full disk),
+    chained from the original error.
+    """
+
+    def __init__(self, path: str, cause: OSError, intact: str) -> None:
+        message = (
+            f"could not save checkpoint {path!r}: {cause.strerror or cause}. The checkpoints committed before "
+            f"are intact and listed: {intact}. Training stops here rather than go on unprotected; fix the storage (free space, check "
+            f"the mount or network) and run the same command again to resume from the newest checkpoint."
+        )
+        # OSError(errno, strerror) keeps ``.errno``; with no errno it would print "[Errno None]".
+        super().__init__(*((cause.errno, message) if cause.errno is not None else (message,)))
+        self.path = path
 
 
 class MonitorNotFoundError(GenesisCheckpointError, ValueError):

@@ -12,9 +12,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .atomicity import is_temp_name
 from .errors import ManifestError
 
 MANIFEST_NAME = "genesis_manifest.json"
+#: The writer's lock file (see :mod:`lightning_genesis_ckpt.lock`); never a checkpoint.
+LOCK_NAME = "genesis.lock"
 FORMAT = "lightning-genesis-ckpt/manifest"
 FORMAT_VERSION = 1
 
@@ -36,6 +39,11 @@ def epoch_of_name(name: str) -> int | None:
     """The epoch number in a rolling checkpoint's file name, or None for any other name."""
     m = _EPOCH_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+def is_plain_name(name: object) -> bool:
+    """Whether ``name`` is a plain file name that cannot leave its directory."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\x00")
 
 
 def role_of_name(name: str, default: str = "manual") -> str:
@@ -116,10 +124,22 @@ class CheckpointRecord:
 
 @dataclass(frozen=True)
 class Manifest:
-    """An immutable snapshot of the manifest: records by name plus the next commit number."""
+    """An immutable snapshot of the manifest: records by name plus the next commit number.
+
+    Two lists make a crash at any point of a commit recoverable (see
+    :class:`~lightning_genesis_ckpt.store.CheckpointStore`):
+
+    Attributes:
+        replacing: committed names whose file was about to be replaced by new content when this manifest
+            was written. Replacing happens in place (``best_model.pth``, the interrupt snapshot), so after a
+            crash the file may hold the new content that no record describes yet.
+        deleting: names un-committed by this manifest whose files may not be removed yet.
+    """
 
     records: Mapping[str, CheckpointRecord] = field(default_factory=dict)
     next_seq: int = 1
+    replacing: frozenset[str] = frozenset()
+    deleting: frozenset[str] = frozenset()
 
     def get(self, name: str) -> CheckpointRecord | None:
         """The record of ``name``, or None."""
@@ -133,12 +153,25 @@ class Manifest:
         """A new manifest with ``record`` added (or replacing the record of the same name)."""
         records = dict(self.records)
         records[record.name] = record
-        return Manifest(records, max(self.next_seq, record.seq + 1))
+        name = {record.name}
+        return Manifest(
+            records, max(self.next_seq, record.seq + 1), self.replacing - name, self.deleting - name
+        )
 
     def without(self, names: Iterable[str]) -> Manifest:
-        """A new manifest without the records of ``names``."""
+        """A new manifest without the records of ``names``, which it lists as ``deleting``."""
         drop = set(names)
-        return Manifest({n: r for n, r in self.records.items() if n not in drop}, self.next_seq)
+        records = {n: r for n, r in self.records.items() if n not in drop}
+        gone = drop & set(self.records)
+        return Manifest(records, self.next_seq, self.replacing - drop, self.deleting | gone)
+
+    def replacing_file(self, name: str) -> Manifest:
+        """A new manifest noting that the committed file ``name`` is about to get new content."""
+        return replace(self, replacing=self.replacing | {name})
+
+    def deleted(self, names: Iterable[str]) -> Manifest:
+        """A new manifest that no longer lists ``names`` as ``deleting`` (their files are gone)."""
+        return replace(self, deleting=self.deleting - set(names))
 
     def encode(self) -> bytes:
         """The manifest as UTF-8 JSON."""
@@ -148,6 +181,11 @@ class Manifest:
             "next_seq": self.next_seq,
             "checkpoints": [r.to_json() for r in self.sorted()],
         }
+        # Written only when set (``deleting`` may outlive its files until the next start clears it).
+        if self.replacing:
+            doc["replacing"] = sorted(self.replacing)
+        if self.deleting:
+            doc["deleting"] = sorted(self.deleting)
         return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -177,7 +215,24 @@ class Manifest:
         try:
             records = [CheckpointRecord.from_json(r) for r in doc["checkpoints"]]
             next_seq = int(doc.get("next_seq", 1))
+            replacing, deleting = (_names(doc.get(key)) for key in ("replacing", "deleting"))
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(path, f"malformed record ({e!r})") from e
+        names = [r.name for r in records]
+        # A hostile or damaged manifest must not make the store read, replace or delete anything outside
+        # its directory or its own bookkeeping files.
+        for name in [*names, *replacing, *deleting]:
+            if not is_plain_name(name) or name in (MANIFEST_NAME, LOCK_NAME) or is_temp_name(name):
+                raise ManifestError(path, f"invalid file name {name!r}: not a plain checkpoint file name")
+        if len(set(names)) != len(names):
+            raise ManifestError(path, "a file name is listed twice")
         top = max((r.seq for r in records), default=0)
-        return cls({r.name: r for r in records}, max(next_seq, top + 1))
+        return cls({r.name: r for r in records}, max(next_seq, top + 1), replacing, deleting)
+
+
+def _names(value: Any) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise TypeError(f"expected a list of file names, got {value!r}")
+    return frozenset(value)

@@ -70,14 +70,17 @@ class KeepBestK:
 
 
 def rolling_to_delete(
-    records: Iterable[CheckpointRecord], policies: Sequence[KeepLastN | KeepBestK]
+    records: Iterable[CheckpointRecord],
+    policies: Sequence[KeepLastN | KeepBestK],
+    protect: Iterable[str] = (),
 ) -> list[str]:
     """Names of rolling (``role == "epoch"``) checkpoints that no policy keeps, oldest first.
 
-    Only rolling checkpoints are ever candidates: best, interrupt and manual records are not touched.
+    Only rolling checkpoints are ever candidates: best, interrupt and manual records are not touched, nor
+    the names in ``protect`` (the checkpoint just committed, the one the run resumed from).
     """
     rolling = [r for r in records if r.role == "epoch"]
-    kept: set[str] = set()
+    kept: set[str] = set(protect)
     for policy in policies:
         kept |= policy.keep(rolling)
     return [r.name for r in sorted(rolling, key=_epoch_key) if r.name not in kept]

@@ -50,21 +50,28 @@ class ChecksumWriter:
         self.size = 0
         self._crc = 0
         self._pool: ThreadPoolExecutor | None = None
+        #: The first error the underlying file raised. torch.save turns it into an unrelated RuntimeError
+        #: ("unexpected pos ..."), so :func:`dump` re-raises this one instead.
+        self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        if len(view) >= PARALLEL_CRC_MIN:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genesis-crc")
-            pending = self._pool.submit(zlib.crc32, view, self._crc)
-            try:
+        try:
+            if len(view) >= PARALLEL_CRC_MIN:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genesis-crc")
+                pending = self._pool.submit(zlib.crc32, view, self._crc)
+                try:
+                    self._raw.write(view)
+                finally:
+                    # Always collect the crc before returning: ``view`` may not outlive this call.
+                    self._crc = pending.result()
+            else:
+                self._crc = zlib.crc32(view, self._crc)
                 self._raw.write(view)
-            finally:
-                # Always collect the crc before returning: ``view`` may not outlive this call.
-                self._crc = pending.result()
-        else:
-            self._crc = zlib.crc32(view, self._crc)
-            self._raw.write(view)
+        except OSError as e:
+            self.error = self.error or e
+            raise
         self.size += len(view)
         return len(view)
 
@@ -86,6 +93,9 @@ def dump(obj: Any, fileobj: IO[bytes], serializer: Serializer = "torch") -> tupl
     """Serialize ``obj`` straight into ``fileobj``; returns ``(size, checksum)``.
 
     The serialized bytes are never held in a second in-memory buffer.
+
+    Raises:
+        OSError: writing to ``fileobj`` failed (disk full, I/O error): the file's own error, with its errno.
     """
     if serializer not in ("torch", "dill"):
         raise ValueError(f"serializer must be 'torch' or 'dill', got {serializer!r}")
@@ -98,6 +108,10 @@ def dump(obj: Any, fileobj: IO[bytes], serializer: Serializer = "torch") -> tupl
         else:
             torch.save(obj, writer)  # type: ignore[arg-type]
         writer.flush()
+    except Exception:
+        if writer.error is not None:  # the disk's error (ENOSPC, EIO), not torch's rewording of it
+            raise writer.error from None
+        raise
     finally:
         writer.close()
     return writer.size, writer.checksum
@@ -207,7 +221,7 @@ def load(
     except (UnsafeCheckpointError, CheckpointCorruptError):
         raise
     except Exception as e:
-        if _is_unsafe_error(e) and _looks_like_zip(source):
+        if _is_unsafe_error(e) and _looks_like_pickle(source):
             raise UnsafeCheckpointError(display_path, _first_line(e)) from e
         raise CheckpointCorruptError(
             display_path, f"cannot be read as a torch checkpoint ({_first_line(e)})"
@@ -215,17 +229,24 @@ def load(
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    # torch's weights-only failures open with a paragraph about its defaults; the cause comes after it.
+    if lines and lines[0].startswith("Weights only load failed"):
+        causes = [
+            line for line in lines[1:] if not line.startswith(("Check the documentation", "Please file"))
+        ]
+        lines = causes or lines
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def _looks_like_zip(source: str | IO[bytes]) -> bool:
-    # A file that is not even a zip archive is damaged or foreign, never "unsafe": without this check
-    # random bytes would be reported as a security refusal.
+def _looks_like_pickle(source: str | IO[bytes]) -> bool:
+    # A file that is neither a torch zip archive nor a pickle (torch's legacy format, or a bare pickle) is
+    # damaged or foreign, never "unsafe": without this check random bytes would be reported as a security
+    # refusal. A pickle starts with the PROTO opcode and a protocol number.
     if isinstance(source, str):
         with open(source, "rb") as f:
             head = f.read(4)
     else:
         source.seek(0)
         head = source.read(4)
-    return head == ZIP_MAGIC
+    return head == ZIP_MAGIC or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)

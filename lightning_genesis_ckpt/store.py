@@ -15,17 +15,16 @@ from typing import IO, Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-from . import atomicity, serialization
+from . import atomicity, recovery, serialization
+from ._faults import fault_point
 from .atomicity import CommitStrategy, is_posix_local, is_temp_name, strategy_for, temp_name
-from .errors import CheckpointCorruptError, ManifestError, UnsafeCheckpointError
-from .manifest import MANIFEST_NAME, CheckpointRecord, Manifest, role_of_name
+from .errors import CheckpointSaveError, ManifestError
+from .lock import DEFAULT_LEASE_S, StoreLock
+from .manifest import LOCK_NAME, MANIFEST_NAME, CheckpointRecord, Manifest, role_of_name
+from .recovery import METADATA_KEY
 from .serialization import MapLocation, Serializer
 
 log = logging.getLogger(__name__)
-
-#: Key under which each checkpoint written by the store carries its own record fields, so that a lost
-#: manifest can be rebuilt from the files alone.
-METADATA_KEY = "genesis_ckpt"
 
 #: Bytes per ranged GET when reading from a remote filesystem: a checkpoint of up to this size is one
 #: request, and a chunk in flight is no memory concern.
@@ -87,6 +86,7 @@ class CheckpointStore:
         self._lock = threading.RLock()
         self._manifest: Manifest | None = None
         self._dir_ready = False
+        self._writer_lock: StoreLock | None = None
 
     # ----------------------------------------------------------------------------------------- names
     def path(self, name: str) -> str:
@@ -188,57 +188,24 @@ class CheckpointStore:
             )
             return self.rebuild_manifest()
         try:
-            return Manifest.decode(data, self.url_for(MANIFEST_NAME))
+            manifest = Manifest.decode(data, self.url_for(MANIFEST_NAME))
         except ManifestError as e:
             if e.newer_format:
                 raise
             log.warning("%s; rebuilding it from the checkpoint files", e)
             return self.rebuild_manifest()
+        return recovery.settle_replacements(self, manifest) if manifest.replacing else manifest
 
     @staticmethod
     def _maybe_checkpoint(name: str) -> bool:
-        return name != MANIFEST_NAME and not is_temp_name(name)
+        return name not in (MANIFEST_NAME, LOCK_NAME) and not is_temp_name(name)
 
     def rebuild_manifest(self) -> Manifest:
         """Recovery path: a manifest made from the metadata each checkpoint file carries.
 
         Files without our metadata (other tools' files, user files) are left out and never touched.
         """
-        manifest = Manifest()
-        found: list[CheckpointRecord] = []
-        for name in self._list_names():
-            if not self._maybe_checkpoint(name):
-                continue
-            try:
-                size, checksum = self._checksum(name)
-                # Only the small metadata dict is needed: on local disks mmap avoids reading the tensors.
-                obj = self._load_raw(name, map_location="cpu", trusted=False, mmap=self.local)
-            except (OSError, CheckpointCorruptError, UnsafeCheckpointError) as e:
-                log.warning("rebuilding manifest: skipping %s (%s)", self.url_for(name), e)
-                continue
-            meta = obj.get(METADATA_KEY) if isinstance(obj, dict) else None
-            if not isinstance(meta, dict):
-                continue
-            found.append(
-                CheckpointRecord(
-                    name=name,
-                    role=role_of_name(name, default=str(meta.get("role", "manual"))),
-                    size=size,
-                    checksum=checksum,
-                    created=float(meta.get("created", 0.0)),
-                    seq=0,
-                    epoch=meta.get("epoch"),
-                    global_step=meta.get("global_step"),
-                    metrics={str(k): float(v) for k, v in dict(meta.get("metrics") or {}).items()},
-                    versions={str(k): str(v) for k, v in dict(meta.get("versions") or {}).items()},
-                    monitor=meta.get("monitor"),
-                )
-            )
-        # Commit order is not recoverable from files; creation time (stored inside each file, not the
-        # filesystem's mtime) is the best substitute.
-        for seq, rec in enumerate(sorted(found, key=lambda r: (r.created, r.name)), start=1):
-            manifest = manifest.with_record(rec.with_changes(seq=seq))
-        return manifest
+        return recovery.rebuild(self)
 
     @contextlib.contextmanager
     def _publishing(self, name: str) -> Iterator[None]:
@@ -258,11 +225,13 @@ class CheckpointStore:
     def _retract(self, name: str) -> None:
         try:
             self.fs.rm_file(self.path(atomicity.intent_name(name)))
+        except FileNotFoundError:
+            pass
         except OSError as e:  # harmless: the sweep removes it, and the file it names is committed
             log.warning("could not remove %s: %s", self.url_for(atomicity.intent_name(name)), e)
 
     def _write_manifest(self, manifest: Manifest) -> None:
-        self.commit.write_bytes(self.manifest_path, manifest.encode())
+        self.commit.write_bytes(self.manifest_path, manifest.encode(), fault="mid-manifest")
         self._manifest = manifest
 
     # ------------------------------------------------------------------------------------ writing
@@ -284,11 +253,15 @@ class CheckpointStore:
         With ``embed_metadata`` and a dict ``obj``, the record's fields travel inside the file too (under
         ``"genesis_ckpt"``), so the manifest can be rebuilt from the files. The caller's dict is not changed.
 
+        A committed ``name`` is replaced in place; the manifest first lists it under ``replacing``, so that a
+        crash before the new record is written still ends in a consistent store (see :mod:`.recovery`).
+
         Raises:
-            OSError: the write failed (disk full, permissions, network). Nothing committed was touched and
-                the temporary file is gone.
+            CheckpointSaveError: the write failed (disk full, I/O error, network); an ``OSError`` with the
+                original errno. Nothing committed was touched and the temporary file is gone.
+            StoreLockedError: this store holds the directory's lock and another run has taken it over.
         """
-        if name == MANIFEST_NAME or is_temp_name(name):
+        if name in (MANIFEST_NAME, LOCK_NAME) or is_temp_name(name):
             raise ValueError(f"{name!r} is reserved for the store's own files; choose another name")
         role = role or role_of_name(name)
         path = self.path(name)
@@ -308,12 +281,22 @@ class CheckpointStore:
             obj = {**obj, METADATA_KEY: meta}
         start = time.perf_counter()
         with self._lock:
+            self._check_lock()
             manifest = (
                 self.manifest()
             )  # read before the new file exists, so it is never mistaken for an orphan
-            self._ensure_dir()
-            with self._publishing(name), self.commit.open_write(path) as f:
-                size, checksum = serialization.dump(obj, f, serializer)
+            replacing = name in manifest.records
+            try:
+                self._ensure_dir()
+                if replacing:
+                    manifest = manifest.replacing_file(name)
+                    self._write_manifest(manifest)
+                with self._publishing(name), self.commit.open_write(path) as f:
+                    size, checksum = serialization.dump(obj, f, serializer)
+                    fault_point("after-data-before-rename")
+                fault_point("after-rename-before-manifest")
+            except OSError as e:
+                raise self._save_failed(name, e, replacing) from e
             record = CheckpointRecord(
                 name=name,
                 role=role,
@@ -327,7 +310,7 @@ class CheckpointStore:
                 versions=versions,
                 monitor=monitor,
             )
-            self._write_manifest(manifest.with_record(record))
+            self._commit_record(record, manifest, replacing)
             self._retract(name)
         elapsed = time.perf_counter() - start
         if self.verbose:
@@ -341,16 +324,30 @@ class CheckpointStore:
         return record
 
     def copy(self, src: str, dst: str, *, role: str | None = None) -> CheckpointRecord:
-        """Commit ``dst`` as a byte-identical copy of the committed ``src`` (a hard link on local disks)."""
+        """Commit ``dst`` as a byte-identical copy of the committed ``src`` (a hard link on local disks).
+
+        Raises:
+            FileNotFoundError: ``src`` is not committed.
+            CheckpointSaveError, StoreLockedError: as :meth:`save`.
+        """
         with self._lock:
-            record = self.manifest().get(src)
+            self._check_lock()
+            manifest = self.manifest()
+            record = manifest.get(src)
             if record is None:
                 raise FileNotFoundError(f"{self.url_for(src)} is not a committed checkpoint of this store")
-            with self._publishing(dst):
-                self.commit.copy(self.path(src), self.path(dst))
-            manifest = self.manifest()
+            replacing = dst in manifest.records
+            try:
+                if replacing:
+                    manifest = manifest.replacing_file(dst)
+                    self._write_manifest(manifest)
+                with self._publishing(dst):
+                    self.commit.copy(self.path(src), self.path(dst))
+                fault_point("after-rename-before-manifest")
+            except OSError as e:
+                raise self._save_failed(dst, e, replacing) from e
             new = record.with_changes(name=dst, role=role or role_of_name(dst), seq=manifest.next_seq)
-            self._write_manifest(manifest.with_record(new))
+            self._commit_record(new, manifest, replacing)
             self._retract(dst)
         if self.verbose:
             log.info("committed %s as a copy of %s", self.url_for(dst), src)
@@ -359,25 +356,114 @@ class CheckpointStore:
     def delete(self, names: Iterable[str]) -> list[str]:
         """Un-commit and remove checkpoints: the manifest forgets them first, then the files go.
 
-        Only names the manifest lists are touched. A file that cannot be removed is logged and left as an
-        orphan (it is no longer listed, so nothing resumes from it).
+        Only names the manifest lists are touched. The manifest that forgets them lists them as ``deleting``
+        until their files are gone, so a crash in between is finished by :meth:`finish_deletions`. A file that
+        cannot be removed is logged and left for that next start.
+
+        Raises:
+            OSError: the manifest could not be written (nothing was deleted then).
         """
         with self._lock:
+            self._check_lock()
             manifest = self.manifest()
             names = [n for n in dict.fromkeys(names) if n in manifest.records]
             if not names:
                 return []
             self._write_manifest(manifest.without(names))
-        paths = [self.path(n) for n in names]
+        fault_point("mid-deletion")
+        removed = self._remove_files(names)
+        with self._lock:
+            # Bookkeeping only, written with the next commit: until then a crash merely repeats the removal.
+            self._manifest = self.manifest().deleted(removed)
+        if self.verbose and removed:
+            log.info("removed %s", ", ".join(removed))
+        return names
+
+    def finish_deletions(self) -> list[str]:
+        """Remove the files of checkpoints that a killed writer had un-committed but not yet removed."""
+        with self._lock:
+            self._check_lock()
+            return recovery.finish_deletions(self)
+
+    def _remove_files(self, names: list[str]) -> list[str]:
+        """Remove files (already missing counts as removed); returns the names that are gone."""
         try:
-            self.fs.rm(paths)
+            self.fs.rm([self.path(n) for n in names])  # one request for all of them on object stores
+            return names
         except FileNotFoundError:
-            pass
+            pass  # one was gone already: the others may not have been attempted
         except OSError as e:
             log.warning("could not remove old checkpoint(s) %s: %s", ", ".join(names), e)
-        if self.verbose:
-            log.info("removed %s", ", ".join(names))
-        return names
+            return []
+        gone = []
+        for name in names:
+            try:
+                self.fs.rm_file(self.path(name))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("could not remove old checkpoint %s: %s", self.url_for(name), e)
+                continue
+            gone.append(name)
+        return gone
+
+    def _commit_record(self, record: CheckpointRecord, manifest: Manifest, replacing: bool) -> None:
+        """The commit point: the manifest lists ``record``. On failure a new file is removed again."""
+        try:
+            self._write_manifest(manifest.with_record(record))
+        except OSError as e:
+            raise self._save_failed(record.name, e, replacing) from e
+
+    def _save_failed(self, name: str, error: OSError, replacing: bool) -> CheckpointSaveError:
+        committed = list((self._manifest or Manifest()).records.values())
+        self._retract(name)
+        if replacing:
+            # Kept: the manifest lists it as ``replacing``, so it is either the old content or the complete
+            # new one. Re-read (and settle) the manifest next time, in case the new bytes landed.
+            self._manifest = None
+        else:
+            # Uncommitted, and it would only take space on a disk that may be full.
+            try:
+                self.fs.rm_file(self.path(name))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("could not remove the uncommitted %s: %s", self.url_for(name), e)
+        # Newest as resume sees it: most training, then a rolling/snapshot file over its best_model.pth copy.
+        newest = max(committed, key=lambda r: (r.global_step or -1, r.role != "best", r.seq), default=None)
+        intact = (
+            "none was committed in this directory yet"
+            if newest is None
+            else f"the newest is {newest.name} (epoch {newest.epoch}, step {newest.global_step})"
+        )
+        return CheckpointSaveError(self.url_for(name), error, intact)
+
+    # ------------------------------------------------------------------------------------- locking
+    def acquire_lock(self, lease_s: float = DEFAULT_LEASE_S) -> None:
+        """Make this store the directory's only writer until :meth:`release_lock` (see :mod:`.lock`).
+
+        While it holds the lock, every commit first checks the lock is still its own.
+
+        Raises:
+            StoreLockedError: another live run holds the directory.
+        """
+        with self._lock:
+            if self._writer_lock is not None and self._writer_lock.held:
+                return
+            self._ensure_dir()
+            self._writer_lock = StoreLock(self.fs, self.root, self.url, lease_s)
+            self._writer_lock.acquire()
+
+    def release_lock(self) -> None:
+        """Give up the directory's lock if this store holds it. Never raises for I/O errors."""
+        with self._lock:
+            lock, self._writer_lock = self._writer_lock, None
+        if lock is not None:
+            lock.release()
+
+    def _check_lock(self) -> None:
+        if self._writer_lock is not None:
+            self._writer_lock.verify()
 
     # ------------------------------------------------------------------------------------ reading
     def records(self) -> list[CheckpointRecord]:

@@ -118,3 +118,18 @@ TinyModel = _default.TinyModel
 make_trainer = _default.make_trainer
 SignalAt = _default.SignalAt
 RaiseAt = _default.RaiseAt
+
+
+class BigModel(TinyModel):
+    """TinyModel plus ``ballast_mb`` of state, so that a save takes measurable time like a real model's.
+
+    The ballast buffer is set to the global step after every batch: a checkpoint whose ballast disagrees
+    with its own ``global_step`` mixes bytes of two different saves.
+    """
+
+    def __init__(self, ballast_mb: float = 32.0, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.register_buffer("ballast", torch.zeros(int(ballast_mb * 2**20) // 4))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.ballast.fill_(float(self.global_step))

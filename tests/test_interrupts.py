@@ -33,6 +33,9 @@ def test_interrupt_mid_epoch_snapshot_then_resume(
     assert "RESULT:" not in first.stdout, "fit must not have returned normally"
     assert "snapshot saved" in first.stderr
     assert f"{d.store().url_for('interrupt_checkpoint.pth')} (epoch 2" in first.stderr
+    assert not d.store().fs.exists(d.store().path("genesis.lock")), (
+        "the interrupted run must release its lock"
+    )
 
     store = d.store()
     snap = store.manifest().get("interrupt_checkpoint.pth")

@@ -86,3 +86,42 @@ def test_names(name: str, epoch: int | None, role: str) -> None:
     assert role_of_name(name) == role
     if epoch is not None:
         assert epoch_name(epoch) == name
+
+
+def test_intents_roundtrip_and_clear_on_commit() -> None:
+    m = (
+        Manifest()
+        .with_record(rec("a.pth", 1))
+        .with_record(rec("b.pth", 2))
+        .with_record(rec("best_model.pth", 3))
+    )
+    assert b"replacing" not in m.encode() and b"deleting" not in m.encode()  # written only when set
+    m = m.replacing_file("best_model.pth").without(["a.pth", "never-listed.pth"])
+    assert (m.replacing, m.deleting) == ({"best_model.pth"}, {"a.pth"})
+    assert Manifest.decode(m.encode(), "m.json") == m
+    # Committing a name ends both intents for it; finished deletions leave the list.
+    m = m.with_record(rec("best_model.pth", 4)).with_record(rec("a.pth", 5))
+    assert (m.replacing, m.deleting) == (frozenset(), frozenset())
+    assert m.without(["b.pth"]).deleted(["b.pth"]).deleting == frozenset()
+
+
+def _doc(**extra: object) -> bytes:
+    return json.dumps(
+        {"format": "lightning-genesis-ckpt/manifest", "version": 1, "checkpoints": [], **extra}
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (_doc(checkpoints=[rec("../up.pth", 1).to_json()]), "invalid file name '../up.pth'"),
+        (_doc(checkpoints=[rec("genesis.lock", 1).to_json()]), "invalid file name 'genesis.lock'"),
+        (_doc(checkpoints=[rec("a.pth", 1).to_json(), rec("a.pth", 2).to_json()]), "listed twice"),
+        (_doc(deleting=["/etc/passwd"]), "invalid file name"),
+        (_doc(replacing="best_model.pth"), "malformed record"),
+    ],
+)
+def test_hostile_manifests_are_refused(data: bytes, match: str) -> None:
+    with pytest.raises(ManifestError, match=match) as info:
+        Manifest.decode(data, "m.json")
+    assert not info.value.newer_format  # so the store rebuilds from the files, with a warning

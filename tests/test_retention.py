@@ -49,6 +49,20 @@ def test_rolling_to_delete(scores, keep_last, top_k, mode, expected_deleted) -> 
     assert rolling_to_delete(records, policies) == [epoch_name(i) for i in expected_deleted]
 
 
+@pytest.mark.parametrize(
+    ("protect", "expected_deleted"),
+    [
+        ((), [0, 1, 2]),
+        ([epoch_name(1)], [0, 2]),  # e.g. resumed explicitly from epoch 1, which just committed again
+        ([epoch_name(0), epoch_name(2), "not-a-record.pth"], [1]),
+    ],
+)
+def test_protected_names_are_never_deleted(protect, expected_deleted) -> None:
+    assert rolling_to_delete(epochs(4, 3, 2, 1), (KeepLastN(1),), protect) == [
+        epoch_name(i) for i in expected_deleted
+    ]
+
+
 def test_epoch_order_is_numeric_not_lexical() -> None:
     records = epochs(*([None] * 12))
     assert KeepLastN(3).keep(records) == {epoch_name(9), epoch_name(10), epoch_name(11)}
