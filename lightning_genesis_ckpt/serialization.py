@@ -92,6 +92,31 @@ def _is_unsafe_error(exc: BaseException) -> bool:
     )
 
 
+def check_map_location(map_location: MapLocation) -> None:
+    """Raise ``ValueError`` when ``map_location`` names a device this machine does not have.
+
+    Checked before loading: otherwise torch's error would surface as "corrupt file", and a resume search
+    would skip every (perfectly good) checkpoint and start from scratch.
+    """
+    if not isinstance(map_location, (str, torch.device)):
+        return  # a dict or a callable: torch applies it per storage
+    try:
+        device = torch.device(map_location)
+    except RuntimeError as e:
+        raise ValueError(f"map_location={map_location!r} is not a device ({e})") from e
+    backend = getattr(torch, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if device.type not in ("cpu", "meta") and callable(is_available) and not is_available():
+        raise ValueError(
+            f"map_location={map_location!r}: no {device.type} device is available on this machine; "
+            "load to 'cpu' instead"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"map_location={map_location!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+
+
 def load(
     source: str | IO[bytes],
     display_path: str,
@@ -114,9 +139,11 @@ def load(
     Raises:
         UnsafeCheckpointError: the file needs code execution to load and ``trusted`` is False.
         CheckpointCorruptError: the file is damaged or not a torch checkpoint.
+        ValueError: ``map_location`` names a device this machine does not have.
     """
     if serializer == "dill" and not trusted:
         raise UnsafeCheckpointError(display_path, "it was saved with dill")
+    check_map_location(map_location)
     kwargs: dict[str, Any] = {"map_location": map_location, "weights_only": not trusted}
     if serializer == "dill":
         import dill
