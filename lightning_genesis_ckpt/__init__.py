@@ -1,9 +1,14 @@
-"""lightning-genesis-ckpt: checkpointing for PyTorch Lightning that never loses a run."""
+"""lightning-genesis-ckpt: checkpointing for PyTorch Lightning that never loses a run.
+
+``import lightning_genesis_ckpt as genesis`` also gives the Genesis serialization API (``genesis.save``,
+``genesis.load``, ...) on the same store.
+"""
 
 from __future__ import annotations
 
 import logging
 
+from .api import load, load_checkpoint, save, save_checkpoint
 from .callback import GenesisCheckpoint
 from .errors import (
     CheckpointCorruptError,
@@ -34,7 +39,11 @@ __all__ = [
     "StoreLockedError",
     "UnsafeCheckpointError",
     "__version__",
+    "load",
+    "load_checkpoint",
     "resolve",
+    "save",
+    "save_checkpoint",
 ]
 
 # Same convention as Lightning itself: our info lines (one per save/resume) are visible by default, unless
