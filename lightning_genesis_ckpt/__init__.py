@@ -1,7 +1,7 @@
 """lightning-genesis-ckpt: checkpointing for PyTorch Lightning that never loses a run.
 
 ``import lightning_genesis_ckpt as genesis`` also gives the Genesis serialization API (``genesis.save``,
-``genesis.load``, ...) on the same store.
+``genesis.load``, ...) and ``CheckpointManager`` for plain PyTorch loops, on the same store.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .errors import (
     StoreLockedError,
     UnsafeCheckpointError,
 )
+from .manager import CheckpointManager
 from .manifest import CheckpointRecord, Manifest
 from .resume import Resolution, resolve
 from .store import CheckpointStore
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointCorruptError",
+    "CheckpointManager",
     "CheckpointRecord",
     "CheckpointSaveError",
     "CheckpointStore",
