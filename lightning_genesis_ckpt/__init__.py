@@ -23,6 +23,7 @@ from .manager import CheckpointManager
 from .manifest import CheckpointRecord, Manifest
 from .resume import Resolution, resolve
 from .store import CheckpointStore
+from .tools import LoadReport, load_state_dict_into, validate_checkpoint
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "CheckpointStore",
     "GenesisCheckpoint",
     "GenesisCheckpointError",
+    "LoadReport",
     "Manifest",
     "ManifestError",
     "MonitorNotFoundError",
@@ -43,9 +45,11 @@ __all__ = [
     "__version__",
     "load",
     "load_checkpoint",
+    "load_state_dict_into",
     "resolve",
     "save",
     "save_checkpoint",
+    "validate_checkpoint",
 ]
 
 # Same convention as Lightning itself: our info lines (one per save/resume) are visible by default, unless
