@@ -10,6 +10,7 @@ import logging
 
 from .api import load, load_checkpoint, save, save_checkpoint
 from .callback import GenesisCheckpoint
+from .deploy import export
 from .errors import (
     CheckpointCorruptError,
     CheckpointSaveError,
@@ -43,6 +44,7 @@ __all__ = [
     "StoreLockedError",
     "UnsafeCheckpointError",
     "__version__",
+    "export",
     "load",
     "load_checkpoint",
     "load_state_dict_into",
