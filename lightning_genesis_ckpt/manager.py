@@ -180,6 +180,9 @@ class CheckpointManager:
     def _save(self, name: str, state: Mapping[str, Any], *, role: str, **fields: Any) -> CheckpointRecord:
         if not isinstance(state, Mapping):
             raise TypeError(f"CheckpointManager saves a dict of state, got a {type(state).__name__}")
+        # Re-read the manifest: records that other writers in this directory committed since (a
+        # tag_version(), a second store) must not be lost when ours is written over it.
+        self.store.manifest(refresh=True)
         fields.setdefault("epoch", _counter(state, "epoch"))
         fields.setdefault("metrics", scalar_metrics(state))
         return self.store.save(
