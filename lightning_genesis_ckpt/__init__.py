@@ -25,6 +25,7 @@ from .manifest import CheckpointRecord, Manifest
 from .resume import Resolution, resolve
 from .store import CheckpointStore
 from .tools import LoadReport, load_state_dict_into, validate_checkpoint
+from .versions import Version, list_versions, load_version, save_version, tag_version
 
 __version__ = "0.1.0"
 
@@ -43,14 +44,19 @@ __all__ = [
     "Resolution",
     "StoreLockedError",
     "UnsafeCheckpointError",
+    "Version",
     "__version__",
     "export",
+    "list_versions",
     "load",
     "load_checkpoint",
     "load_state_dict_into",
+    "load_version",
     "resolve",
     "save",
     "save_checkpoint",
+    "save_version",
+    "tag_version",
     "validate_checkpoint",
 ]
 
