@@ -20,6 +20,7 @@ from .errors import (
     StoreLockedError,
     UnsafeCheckpointError,
 )
+from .importer import import_checkpoint
 from .manager import CheckpointManager
 from .manifest import CheckpointRecord, Manifest
 from .resume import Resolution, resolve
@@ -47,6 +48,7 @@ __all__ = [
     "Version",
     "__version__",
     "export",
+    "import_checkpoint",
     "list_versions",
     "load",
     "load_checkpoint",
