@@ -96,7 +96,9 @@ def test_a_best_model_save_does_not_retire_the_snapshot(store_url: str) -> None:
     assert mgr.load_latest_checkpoint() is not None
 
 
-def test_corrupt_candidates_are_skipped_with_a_warning(store_url: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_corrupt_candidates_are_skipped_with_a_warning(
+    store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     mgr = CheckpointManager(store_url)
     for epoch in range(3):
         mgr.save_epoch_checkpoint(state(epoch), epoch)
@@ -176,7 +178,9 @@ def test_lost_manifest_is_rebuilt_from_the_files(store_url: str) -> None:
     assert loaded is not None and loaded["epoch"] == 1
 
 
-def test_a_directory_of_the_original_utility_is_adopted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_directory_of_the_original_utility_is_adopted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     for epoch in (8, 9, 10):
         torch.save(state(epoch), tmp_path / f"checkpoint_epoch_{epoch}.pth")
     torch.save(state(7), tmp_path / "best_model.pth")

@@ -31,7 +31,10 @@ def test_save_list_and_load_versions(store_url: str) -> None:
     assert genesis.load_version(store_url, "v1")["epoch"] == 3
     # Built on the manifest: one record (and one file) per version, checksummed.
     store = CheckpointStore(store_url)
-    assert {r.name: r.role for r in store.records()} == {"version_v1.pth": "version", "version_v2.pth": "version"}
+    assert {r.name: r.role for r in store.records()} == {
+        "version_v1.pth": "version",
+        "version_v2.pth": "version",
+    }
     store.verify("version_v1.pth")
 
 
@@ -67,9 +70,10 @@ def test_tag_the_best_model_of_a_run(store_url: str) -> None:
     assert (version.name, version.epoch, version.metrics["metric"]) == ("release-1.0", 1, 0.9)
     assert torch.equal(genesis.load_version(store_url, "release-1.0")["model"]["w"], weights(1)["w"])
     if "://" not in store_url:  # a hard link: the version costs no second copy of the bytes
-        assert os.stat(Path(store_url) / "version_release-1.0.pth").st_ino == os.stat(
-            Path(store_url) / "best_model.pth"
-        ).st_ino
+        assert (
+            os.stat(Path(store_url) / "version_release-1.0.pth").st_ino
+            == os.stat(Path(store_url) / "best_model.pth").st_ino
+        )
     # Versions are neither resumed from nor rolled away.
     for epoch in range(3, 9):
         mgr.save_epoch_checkpoint({"model": weights(epoch), "epoch": epoch}, epoch)
