@@ -7,6 +7,7 @@ read fastest). Loading is weights-only unless the caller says the file is truste
 from __future__ import annotations
 
 import pickle
+import re
 import zlib
 from typing import IO, Any, Literal
 
@@ -157,10 +158,22 @@ def load(
         raise
     except Exception as e:
         if _is_unsafe_error(e) and _looks_like_zip(source):
-            raise UnsafeCheckpointError(display_path, _first_line(e)) from e
+            raise UnsafeCheckpointError(display_path, _unsafe_detail(e)) from e
         raise CheckpointCorruptError(
             display_path, f"cannot be read as a torch checkpoint ({_first_line(e)})"
         ) from e
+
+
+_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _unsafe_detail(exc: BaseException) -> str:
+    # torch's message is a paragraph of advice (with terminal escape codes); the forbidden name is the fact.
+    m = _GLOBAL_RE.search(str(exc))
+    if m is None:
+        return _first_line(exc)
+    name = m.group(1)
+    return f"it references {name}" + (", i.e. it was saved with dill" if name.startswith("dill.") else "")
 
 
 def _first_line(exc: BaseException) -> str:

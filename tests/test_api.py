@@ -230,6 +230,7 @@ def test_dill_objects_need_trusted_to_load(store_url: str, tmp_path: Path) -> No
     with pytest.raises(UnsafeCheckpointError, match="trusted=True") as info:
         genesis.load(path)
     assert isinstance(info.value, pickle.UnpicklingError)
+    assert "it was saved with dill" in str(info.value) and "\x1b" not in str(info.value)
     loaded = genesis.load(path, trusted=True)
     assert (loaded["square"](4), loaded["shift"](4)) == (16, 7)
 
