@@ -249,3 +249,16 @@ def test_epoch_must_be_a_non_negative_int(store_url: str) -> None:
         mgr.save_epoch_checkpoint(state(0), -1)
     with pytest.raises(TypeError):
         mgr.save_epoch_checkpoint(state(0), 1.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_saved_state_loads_on_the_cpu_and_back(store_url: str) -> None:
+    gpu_state = {"epoch": 0, "model": {k: v.cuda() for k, v in state(0)["model"].items()}}
+    CheckpointManager(store_url, device="cuda").save_epoch_checkpoint(gpu_state, 0)
+    on_cpu = CheckpointManager(store_url).load_latest_checkpoint()
+    assert on_cpu is not None and on_cpu["model"]["weight"].device.type == "cpu"
+    assert genesis.load(CheckpointStore(store_url).url_for("checkpoint_epoch_0.pth"))["model"][
+        "weight"
+    ].is_cpu
+    on_gpu = CheckpointManager(store_url, device="cuda").load_latest_checkpoint()
+    assert on_gpu is not None and on_gpu["model"]["weight"].is_cuda
