@@ -1,10 +1,16 @@
-"""lightning-genesis-ckpt: checkpointing for PyTorch Lightning that never loses a run."""
+"""lightning-genesis-ckpt: checkpointing for PyTorch Lightning that never loses a run.
+
+``import lightning_genesis_ckpt as genesis`` also gives the Genesis serialization API (``genesis.save``,
+``genesis.load``, ...) and ``CheckpointManager`` for plain PyTorch loops, on the same store.
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
 
+from .api import load, load_checkpoint, save, save_checkpoint
+from .deploy import export
 from .errors import (
     CheckpointCorruptError,
     CheckpointSaveError,
@@ -14,9 +20,13 @@ from .errors import (
     StoreLockedError,
     UnsafeCheckpointError,
 )
+from .importer import import_checkpoint
+from .manager import CheckpointManager
 from .manifest import CheckpointRecord, Manifest
 from .resume import Resolution, resolve
 from .store import CheckpointStore
+from .tools import LoadReport, load_state_dict_into, validate_checkpoint
+from .versions import Version, list_versions, load_version, save_version, tag_version
 
 if TYPE_CHECKING:
     from .callback import GenesisCheckpoint
@@ -36,19 +46,34 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CheckpointCorruptError",
+    "CheckpointManager",
     "CheckpointRecord",
     "CheckpointSaveError",
     "CheckpointStore",
     "GenesisCheckpoint",
     "GenesisCheckpointError",
+    "LoadReport",
     "Manifest",
     "ManifestError",
     "MonitorNotFoundError",
     "Resolution",
     "StoreLockedError",
     "UnsafeCheckpointError",
+    "Version",
     "__version__",
+    "export",
+    "import_checkpoint",
+    "list_versions",
+    "load",
+    "load_checkpoint",
+    "load_state_dict_into",
+    "load_version",
     "resolve",
+    "save",
+    "save_checkpoint",
+    "save_version",
+    "tag_version",
+    "validate_checkpoint",
 ]
 
 # Same convention as Lightning itself: our info lines (one per save/resume) are visible by default, unless

@@ -26,8 +26,11 @@ INTERRUPT_NAME = "interrupt_checkpoint.pth"
 EPOCH_PREFIX = "checkpoint_epoch_"
 EPOCH_SUFFIX = ".pth"
 _EPOCH_RE = re.compile(rf"^{EPOCH_PREFIX}(\d+){re.escape(EPOCH_SUFFIX)}$")
+VERSION_PREFIX = "version_"
+VERSION_SUFFIX = ".pth"
+_VERSION_RE = re.compile(rf"^{VERSION_PREFIX}(.+){re.escape(VERSION_SUFFIX)}$")
 
-ROLES = ("epoch", "best", "interrupt", "manual")
+ROLES = ("epoch", "best", "interrupt", "manual", "version")
 
 
 def epoch_name(epoch: int) -> str:
@@ -46,6 +49,12 @@ def is_plain_name(name: object) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\x00")
 
 
+def version_of_name(name: str) -> str | None:
+    """The version name in a named version's file name (``version_<name>.pth``), or None."""
+    m = _VERSION_RE.match(name)
+    return m.group(1) if m else None
+
+
 def role_of_name(name: str, default: str = "manual") -> str:
     """The role implied by one of our standard file names."""
     if name == BEST_NAME:
@@ -54,6 +63,8 @@ def role_of_name(name: str, default: str = "manual") -> str:
         return "interrupt"
     if epoch_of_name(name) is not None:
         return "epoch"
+    if version_of_name(name) is not None:
+        return "version"
     return default
 
 
@@ -63,7 +74,7 @@ class CheckpointRecord:
 
     Attributes:
         name: file name inside the store directory.
-        role: ``"epoch"``, ``"best"``, ``"interrupt"`` or ``"manual"``.
+        role: ``"epoch"``, ``"best"``, ``"interrupt"``, ``"manual"`` or ``"version"`` (a named version).
         epoch: training epoch the state belongs to, if known.
         global_step: optimizer steps taken when the state was captured, if known.
         metrics: monitored and logged scalar metrics at save time.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointCorruptError
 from .manifest import CheckpointRecord
+from .retention import epoch_order
+from .serialization import MapLocation, Serializer
 from .store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -17,18 +19,33 @@ log = logging.getLogger(__name__)
 RESUMABLE_ROLES = ("epoch", "interrupt", "best")
 
 
-def candidates(records: Iterable[CheckpointRecord]) -> list[CheckpointRecord]:
-    """Resumable records, newest training state first.
+OrderKey = Callable[[CheckpointRecord], Any]
 
-    Newest means most optimizer steps; at equal steps a rolling or interrupt checkpoint is preferred to
-    ``best_model.pth`` (usually a copy of one of them), then the later commit wins.
+
+def most_steps_first(record: CheckpointRecord) -> tuple[int, bool, int]:
+    """The callback's order: most optimizer steps; at equal steps a rolling or interrupt checkpoint beats
+    ``best_model.pth`` (usually a copy of one of them), then the later commit wins."""
+    steps = -1 if record.global_step is None else record.global_step
+    return (steps, record.role != "best", record.seq)
+
+
+def interrupt_then_epoch(record: CheckpointRecord) -> tuple[bool, tuple[int, int]]:
+    """The ``CheckpointManager`` order: the interrupt snapshot, then the highest epoch number.
+
+    Plain loops record no step count, so epoch numbers (numeric, not lexical) are the only progress measure.
     """
-    usable = [r for r in records if r.role in RESUMABLE_ROLES]
-    return sorted(
-        usable,
-        key=lambda r: (-1 if r.global_step is None else r.global_step, r.role != "best", r.seq),
-        reverse=True,
-    )
+    return (record.role == "interrupt", epoch_order(record))
+
+
+def candidates(
+    records: Iterable[CheckpointRecord],
+    *,
+    roles: Sequence[str] = RESUMABLE_ROLES,
+    key: OrderKey = most_steps_first,
+) -> list[CheckpointRecord]:
+    """Records with one of ``roles``, newest training state first by ``key`` (largest key first)."""
+    usable = [r for r in records if r.role in roles]
+    return sorted(usable, key=key, reverse=True)
 
 
 @dataclass
@@ -46,6 +63,10 @@ def resolve(
     trusted: bool = False,
     load: bool = True,
     validate: Callable[[Any], str | None] | None = None,
+    map_location: MapLocation = "cpu",
+    serializer: Serializer | None = None,
+    roles: Sequence[str] = RESUMABLE_ROLES,
+    key: OrderKey = most_steps_first,
 ) -> Resolution:
     """Find the newest valid checkpoint in ``store``.
 
@@ -58,12 +79,18 @@ def resolve(
         trusted: load with full pickle (see :func:`lightning_genesis_ckpt.serialization.load`).
         load: also load the chosen checkpoint (False: only verify checksums, as the CLI's dry run does).
         validate: returns a reason string when a loaded checkpoint is not usable, None when it is.
+        map_location: where tensors are loaded to (passed to ``torch.load``).
+        serializer: ``"dill"`` to read files saved with dill (needs ``trusted``).
+        roles: which records may be chosen.
+        key: the order of preference (see :func:`candidates`).
     """
     resolution = Resolution(record=None)
-    for record in candidates(store.records()):
+    for record in candidates(store.records(), roles=roles, key=key):
         try:
             if load:
-                checkpoint = store.load(record.name, trusted=trusted)
+                checkpoint = store.load(
+                    record.name, trusted=trusted, map_location=map_location, serializer=serializer
+                )
                 reason = validate(checkpoint) if validate is not None else None
                 if reason is not None:
                     raise CheckpointCorruptError(store.url_for(record.name), reason)

@@ -21,8 +21,8 @@ def is_better(candidate: float | None, incumbent: float | None, mode: Mode) -> b
     return candidate < incumbent if mode == "min" else candidate > incumbent
 
 
-def _epoch_key(record: CheckpointRecord) -> tuple[int, int]:
-    # Numeric epoch order (epoch 10 is newer than epoch 9), commit order as the tie-break.
+def epoch_order(record: CheckpointRecord) -> tuple[int, int]:
+    """Sort key: numeric epoch order (epoch 10 is newer than epoch 9), commit order as the tie-break."""
     epoch = record.epoch if record.epoch is not None else epoch_of_name(record.name)
     return (epoch if epoch is not None else -1, record.seq)
 
@@ -51,7 +51,7 @@ class KeepLastN:
     n: int
 
     def keep(self, records: Sequence[CheckpointRecord]) -> set[str]:
-        newest = sorted(records, key=_epoch_key, reverse=True)[: self.n]
+        newest = sorted(records, key=epoch_order, reverse=True)[: self.n]
         return {r.name for r in newest}
 
 
@@ -83,4 +83,4 @@ def rolling_to_delete(
     kept: set[str] = set(protect)
     for policy in policies:
         kept |= policy.keep(rolling)
-    return [r.name for r in sorted(rolling, key=_epoch_key) if r.name not in kept]
+    return [r.name for r in sorted(rolling, key=epoch_order) if r.name not in kept]

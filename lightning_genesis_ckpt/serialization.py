@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -184,6 +185,31 @@ def _is_unsafe_error(exc: BaseException) -> bool:
     )
 
 
+def check_map_location(map_location: MapLocation) -> None:
+    """Raise ``ValueError`` when ``map_location`` names a device this machine does not have.
+
+    Checked before loading: otherwise torch's error would surface as "corrupt file", and a resume search
+    would skip every (perfectly good) checkpoint and start from scratch.
+    """
+    if not isinstance(map_location, (str, torch.device)):
+        return  # a dict or a callable: torch applies it per storage
+    try:
+        device = torch.device(map_location)
+    except RuntimeError as e:
+        raise ValueError(f"map_location={map_location!r} is not a device ({e})") from e
+    backend = getattr(torch, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if device.type not in ("cpu", "meta") and callable(is_available) and not is_available():
+        raise ValueError(
+            f"map_location={map_location!r}: no {device.type} device is available on this machine; "
+            "load to 'cpu' instead"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"map_location={map_location!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+
+
 def load(
     source: str | IO[bytes],
     display_path: str,
@@ -206,9 +232,11 @@ def load(
     Raises:
         UnsafeCheckpointError: the file needs code execution to load and ``trusted`` is False.
         CheckpointCorruptError: the file is damaged or not a torch checkpoint.
+        ValueError: ``map_location`` names a device this machine does not have.
     """
     if serializer == "dill" and not trusted:
         raise UnsafeCheckpointError(display_path, "it was saved with dill")
+    check_map_location(map_location)
     kwargs: dict[str, Any] = {"map_location": map_location, "weights_only": not trusted}
     if serializer == "dill":
         import dill
@@ -222,10 +250,22 @@ def load(
         raise
     except Exception as e:
         if _is_unsafe_error(e) and _looks_like_pickle(source):
-            raise UnsafeCheckpointError(display_path, _first_line(e)) from e
+            raise UnsafeCheckpointError(display_path, _unsafe_detail(e)) from e
         raise CheckpointCorruptError(
             display_path, f"cannot be read as a torch checkpoint ({_first_line(e)})"
         ) from e
+
+
+_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _unsafe_detail(exc: BaseException) -> str:
+    # torch's message is a paragraph of advice (with terminal escape codes); the forbidden name is the fact.
+    m = _GLOBAL_RE.search(str(exc))
+    if m is None:
+        return _first_line(exc)
+    name = m.group(1)
+    return f"it references {name}" + (", i.e. it was saved with dill" if name.startswith("dill.") else "")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -353,6 +353,50 @@ class CheckpointStore:
             log.info("committed %s as a copy of %s", self.url_for(dst), src)
         return new
 
+    def register(
+        self,
+        name: str,
+        *,
+        role: str | None = None,
+        epoch: int | None = None,
+        global_step: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        monitor: str | None = None,
+    ) -> CheckpointRecord:
+        """Commit a file that already sits in the directory (written by another tool) by adding its record.
+
+        Size and crc32 are read from the file as it is now. ``versions`` stays empty: what wrote the file
+        is unknown.
+
+        Raises:
+            FileNotFoundError: there is no such file in the directory.
+        """
+        if name in (MANIFEST_NAME, LOCK_NAME) or is_temp_name(name):
+            raise ValueError(f"{name!r} is reserved for the store's own files; choose another name")
+        with self._lock:
+            self._check_lock()
+            manifest = self.manifest()
+            try:
+                size, checksum = self._checksum(name)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{self.url_for(name)} does not exist: nothing to register") from e
+            record = CheckpointRecord(
+                name=name,
+                role=role or role_of_name(name),
+                size=size,
+                checksum=checksum,
+                created=time.time(),
+                seq=manifest.next_seq,
+                epoch=epoch,
+                global_step=global_step,
+                metrics={str(k): float(v) for k, v in (metrics or {}).items()},
+                monitor=monitor,
+            )
+            self._write_manifest(manifest.with_record(record))
+        if self.verbose:
+            log.info("registered %s (%s, %s)", self.url_for(name), human_size(size), checksum)
+        return record
+
     def delete(self, names: Iterable[str]) -> list[str]:
         """Un-commit and remove checkpoints: the manifest forgets them first, then the files go.
 

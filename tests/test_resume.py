@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_genesis_ckpt import CheckpointRecord, CheckpointStore, UnsafeCheckpointError, resolve
-from lightning_genesis_ckpt.resume import candidates
+from lightning_genesis_ckpt.resume import candidates, interrupt_then_epoch
 
 
 def r(name: str, role: str, step: int | None, seq: int) -> CheckpointRecord:
@@ -34,6 +34,36 @@ def r(name: str, role: str, step: int | None, seq: int) -> CheckpointRecord:
 )
 def test_candidate_order(records: list[CheckpointRecord], order: list[str]) -> None:
     assert [c.name for c in candidates(records)] == order
+
+
+def e(name: str, role: str, epoch: int | None, seq: int) -> CheckpointRecord:
+    return CheckpointRecord(
+        name=name, role=role, size=1, checksum="crc32:0", created=0.0, seq=seq, epoch=epoch
+    )
+
+
+@pytest.mark.parametrize(
+    ("records", "order"),
+    [
+        # plain loops record no steps: the interrupt snapshot first, then epochs numerically (10 > 9)
+        (
+            [e("checkpoint_epoch_9.pth", "epoch", 9, 1), e("checkpoint_epoch_10.pth", "epoch", 10, 2)],
+            ["checkpoint_epoch_10.pth", "checkpoint_epoch_9.pth"],
+        ),
+        ([e("e3", "epoch", 3, 1), e("snap", "interrupt", None, 2)], ["snap", "e3"]),
+        ([e("snap", "interrupt", 2, 1), e("e3", "epoch", 3, 2)], ["snap", "e3"]),
+        # an epoch file's number counts even when the record lacks it (imported files)
+        (
+            [e("checkpoint_epoch_4.pth", "epoch", None, 1), e("x", "epoch", 3, 2)],
+            ["checkpoint_epoch_4.pth", "x"],
+        ),
+        # best and manual are not among the manager's roles
+        ([e("best", "best", 99, 1), e("mine", "manual", 99, 2), e("e0", "epoch", 0, 3)], ["e0"]),
+    ],
+)
+def test_manager_candidate_order(records: list[CheckpointRecord], order: list[str]) -> None:
+    got = candidates(records, roles=("interrupt", "epoch"), key=interrupt_then_epoch)
+    assert [c.name for c in got] == order
 
 
 def test_resolve_skips_corrupt_and_reports(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

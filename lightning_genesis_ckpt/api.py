@@ -1,0 +1,257 @@
+"""The Genesis serialization API: ``save`` / ``load`` one file, atomically and checksummed, on any fsspec URL.
+
+``import lightning_genesis_ckpt as genesis`` then ``genesis.save(model.state_dict(), "model.pth")``.
+
+A single file's store is its parent directory: the file gets a record (size, crc32) in the manifest there,
+and ``load`` verifies it. A file with no record (written by ``torch.save`` elsewhere) still loads, safely,
+just without a checksum to compare.
+
+Deliberate difference from the Genesis documentation: ``save`` does **not** clear the caller's dictionary.
+Clearing it was a way to free memory early; here the object is streamed straight into the file without a
+second in-memory copy, and a caller that keeps training after a save needs its state intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import CheckpointCorruptError
+from .manifest import CheckpointRecord
+from .serialization import MapLocation, Serializer, checksum_stream
+from .store import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+#: While a file is overwritten, its previous version is kept under this suffix until the new one commits.
+BACKUP_SUFFIX = ".genesis.bak"
+
+
+class FileStore(CheckpointStore):
+    """The store of a single file's parent directory, which may be any directory of the user's.
+
+    It differs from a checkpoint directory in one way: a missing or unreadable manifest means "no records
+    yet", never "rebuild it by loading every file here" -- that would read (and warn about) the user's
+    code and data files, which are none of ours. Files written by ``save`` therefore carry no embedded
+    metadata either: ``load`` returns exactly the object that was saved.
+    """
+
+    @staticmethod
+    def _maybe_checkpoint(name: str) -> bool:
+        return False
+
+
+def file_store(
+    file_path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> tuple[FileStore, str]:
+    """The store of ``file_path``'s directory and the file's name in it."""
+    text = os.fspath(file_path)
+    protocol, sep, rest = text.partition("://")
+    if not sep:
+        protocol, rest = "", text
+    parent, slash, name = rest.rpartition("/")
+    if not name:
+        raise ValueError(f"{text!r} is a directory, not a file path: give the file's name too")
+    if not slash:
+        parent = "" if sep else "."
+    elif not parent:
+        parent = "/"
+    parent_url = f"{protocol}://{parent}" if sep else parent
+    return FileStore(parent_url, storage_options), name
+
+
+def save(
+    obj: Any,
+    file_path: str | os.PathLike[str],
+    serializer: Serializer = "torch",
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> CheckpointRecord:
+    """Save ``obj`` (usually a state dict) to ``file_path`` atomically, with a checksum in the manifest.
+
+    When ``file_path`` exists, its current content is kept as ``<file_path>.genesis.bak`` until the new
+    content has committed, then the backup is removed. If the save fails, the original is intact: restored
+    from the backup if the failure came after anything had touched it.
+
+    Args:
+        obj: what to save: a state dict, or any object torch (or dill) can pickle.
+        file_path: local path or fsspec URL (``memory://...``, ``s3://bucket/key.pth``).
+        serializer: ``"torch"``, or ``"dill"`` for objects plain pickle cannot handle (lambdas, closures).
+            Loading a dill file requires ``load(..., trusted=True)``.
+        storage_options: passed to fsspec (credentials, endpoint).
+
+    Returns:
+        The manifest record of the committed file.
+
+    Raises:
+        OSError: the write failed (disk full, permissions, network). The previous file is intact.
+    """
+    store, name = file_store(file_path, storage_options)
+    return save_into(store, name, obj, serializer)
+
+
+def save_into(
+    store: CheckpointStore, name: str, obj: Any, serializer: Serializer = "torch"
+) -> CheckpointRecord:
+    """``save`` into a given store: the backup protocol around :meth:`CheckpointStore.save`."""
+    backup = name + BACKUP_SUFFIX
+    path, backup_path = store.path(name), store.path(backup)
+    if store.fs.exists(backup_path):
+        recover_from_backup(store, name)  # a previous save was killed: settle that first
+    had_old = store.fs.exists(path)
+    if had_old:
+        # A hard link on local disks (no bytes copied), a server-side copy on object stores.
+        store.commit.copy(path, backup_path)
+    try:
+        record = store.save(name, obj, serializer=serializer, embed_metadata=False)
+    except BaseException:
+        if had_old:
+            _restore_after_failed_save(store, name)
+        raise
+    if had_old:
+        _remove_backup(store, backup)
+    return record
+
+
+def _restore_after_failed_save(store: CheckpointStore, name: str) -> None:
+    backup = name + BACKUP_SUFFIX
+    try:
+        # The local rename commit never touches the target before it succeeds; the manifest write can fail
+        # after the data has landed, and object stores write under the final name. Compare to be sure.
+        touched = not store.fs.exists(store.path(name)) or _checksum(store, name) != _checksum(store, backup)
+        if touched:
+            store.commit.copy(store.path(backup), store.path(name))
+            log.warning(
+                "the save failed after it had replaced %s; restored it from its backup", store.url_for(name)
+            )
+    except Exception as e:
+        # The original error is what the caller must see; the backup stays for the next save or load.
+        log.error(
+            "could not restore %s from its backup %s (%s); the backup is kept",
+            store.url_for(name),
+            store.url_for(backup),
+            e,
+        )
+        return
+    _remove_backup(store, backup)
+
+
+def recover_from_backup(store: CheckpointStore, name: str) -> bool:
+    """Settle a save that was killed while ``<name>.genesis.bak`` existed; True if ``name`` was restored.
+
+    The manifest is the commit point: if ``name`` no longer matches its record but the backup does, the
+    new content never committed and the backup is put back. Otherwise the backup is stale and removed.
+    """
+    backup = name + BACKUP_SUFFIX
+    record = store.manifest().get(name)
+    restored = False
+    if record is not None and store.fs.exists(store.path(backup)):
+        current = _checksum(store, name) if store.fs.exists(store.path(name)) else None
+        if current != (record.size, record.checksum) and _checksum(store, backup) == (
+            record.size,
+            record.checksum,
+        ):
+            store.commit.copy(store.path(backup), store.path(name))
+            log.warning(
+                "%s did not match its manifest record (a save was interrupted); restored the committed "
+                "version from %s",
+                store.url_for(name),
+                store.url_for(backup),
+            )
+            restored = True
+    _remove_backup(store, backup)
+    return restored
+
+
+def _checksum(store: CheckpointStore, name: str) -> tuple[int, str]:
+    with store.fs.open(store.path(name), "rb") as f:
+        return checksum_stream(f)
+
+
+def _remove_backup(store: CheckpointStore, backup: str) -> None:
+    try:
+        store.fs.rm_file(store.path(backup))
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("could not remove the backup %s: %s", store.url_for(backup), e)
+
+
+def load(
+    file_path: str | os.PathLike[str],
+    *,
+    map_location: MapLocation = "cpu",
+    trusted: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Any:
+    """Load what :func:`save` (or ``torch.save``) wrote to ``file_path``.
+
+    The checksum is verified first when the directory's manifest lists the file. Loading is weights-only
+    (tensors, containers, numbers, strings) unless ``trusted=True``.
+
+    Args:
+        file_path: local path or fsspec URL.
+        map_location: where tensors go (passed to ``torch.load``); the default ``"cpu"`` loads GPU-saved
+            files on any machine.
+        trusted: allow arbitrary pickled objects, including files saved with ``serializer="dill"``. Only
+            for files you trust: unpickling can run code.
+        storage_options: passed to fsspec.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointCorruptError: truncated, damaged or not a checkpoint (a ``pickle.UnpicklingError``).
+        UnsafeCheckpointError: the file needs code execution to load and ``trusted`` is False (also a
+            ``pickle.UnpicklingError``); its message says how to proceed.
+    """
+    store, name = file_store(file_path, storage_options)
+    if store.manifest().get(name) is not None:
+        try:
+            store.verify(name)
+        except (CheckpointCorruptError, FileNotFoundError):
+            if not (store.fs.exists(store.path(name + BACKUP_SUFFIX)) and recover_from_backup(store, name)):
+                raise
+    elif not store.fs.exists(store.path(name)):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), store.url_for(name))
+    # dill's unpickler reads plain pickles too, so a trusted load never needs to know how the file was made.
+    return store.load(
+        name, map_location=map_location, trusted=trusted, verify=False, serializer="dill" if trusted else None
+    )
+
+
+def save_checkpoint(
+    model_state_dict: Mapping[str, Any],
+    optimizer_state_dict: Mapping[str, Any],
+    file_path: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> CheckpointRecord:
+    """Save ``{"model_state_dict": ..., "optimizer_state_dict": ...}`` to ``file_path`` (see :func:`save`)."""
+    state = {"model_state_dict": model_state_dict, "optimizer_state_dict": optimizer_state_dict}
+    return save(state, file_path, storage_options=storage_options)
+
+
+def load_checkpoint(
+    file_path: str | os.PathLike[str],
+    *,
+    map_location: MapLocation = "cpu",
+    trusted: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> tuple[Any, Any]:
+    """Load a :func:`save_checkpoint` file; returns ``(model_state_dict, optimizer_state_dict)``.
+
+    Raises:
+        ValueError: the file is a valid checkpoint of another layout (use :func:`load` for those).
+        FileNotFoundError, CheckpointCorruptError, UnsafeCheckpointError: as :func:`load`.
+    """
+    state = load(file_path, map_location=map_location, trusted=trusted, storage_options=storage_options)
+    keys = ("model_state_dict", "optimizer_state_dict")
+    if not isinstance(state, Mapping) or not all(k in state for k in keys):
+        found = ", ".join(map(str, list(state)[:8])) if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(
+            f"{os.fspath(file_path)!r} was not written by save_checkpoint: expected the keys {keys}, found "
+            f"{found or 'nothing'}. Load it with genesis.load() instead."
+        )
+    return state["model_state_dict"], state["optimizer_state_dict"]

@@ -1,0 +1,105 @@
+"""Named versions on the manifest: save, tag, list, load latest or by name."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import lightning_genesis_ckpt as genesis
+from lightning_genesis_ckpt import CheckpointManager, CheckpointStore, Version
+from lightning_genesis_ckpt.manifest import MANIFEST_NAME
+
+
+def weights(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {"w": torch.randn(4, 4), "b": torch.randn(4)}
+
+
+def test_save_list_and_load_versions(store_url: str) -> None:
+    v1 = genesis.save_version(store_url, {"model": weights(1), "epoch": 3, "val_acc": 0.81}, "v1")
+    v2 = genesis.save_version(store_url, {"model": weights(2)}, "v2", metrics={"val_acc": 0.86})
+    listed = genesis.list_versions(store_url)
+    assert [v.name for v in listed] == ["v1", "v2"] and listed == [v1, v2]
+    assert (v1.epoch, dict(v1.metrics), dict(v2.metrics)) == (3, {"val_acc": 0.81}, {"val_acc": 0.86})
+    assert datetime.datetime.fromisoformat(v2.created_iso).tzinfo is not None
+    latest = genesis.load_version(store_url)
+    assert torch.equal(latest["model"]["w"], weights(2)["w"]) and set(latest) == {"model"}
+    assert genesis.load_version(store_url, "v1")["epoch"] == 3
+    # Built on the manifest: one record (and one file) per version, checksummed.
+    store = CheckpointStore(store_url)
+    assert {r.name: r.role for r in store.records()} == {
+        "version_v1.pth": "version",
+        "version_v2.pth": "version",
+    }
+    store.verify("version_v1.pth")
+
+
+def test_unknown_version_lists_the_known_ones(store_url: str) -> None:
+    with pytest.raises(FileNotFoundError, match="no versions yet"):
+        genesis.load_version(store_url)
+    genesis.save_version(store_url, weights(0), "baseline")
+    with pytest.raises(FileNotFoundError, match=r"no version 'v9' \(versions: baseline\)"):
+        genesis.load_version(store_url, "v9")
+
+
+def test_versions_are_not_overwritten_by_accident(store_url: str) -> None:
+    genesis.save_version(store_url, weights(0), "v1")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        genesis.save_version(store_url, weights(1), "v1")
+    genesis.save_version(store_url, weights(1), "v1", overwrite=True)
+    assert torch.equal(genesis.load_version(store_url, "v1")["w"], weights(1)["w"])
+    assert [v.name for v in genesis.list_versions(store_url)] == ["v1"]
+
+
+@pytest.mark.parametrize("name", ["latest", "", "../x", "a/b", "-lead", "x" * 101, "sp ace"])
+def test_invalid_version_names(store_url: str, name: str) -> None:
+    with pytest.raises(ValueError, match="invalid version name"):
+        genesis.save_version(store_url, weights(0), name)
+
+
+def test_tag_the_best_model_of_a_run(store_url: str) -> None:
+    mgr = CheckpointManager(store_url)
+    for epoch in range(3):
+        mgr.save_epoch_checkpoint({"model": weights(epoch), "epoch": epoch}, epoch)
+    mgr.save_best_model({"model": weights(1), "epoch": 1}, metric=0.9)
+    version = genesis.tag_version(store_url, "release-1.0")
+    assert (version.name, version.epoch, version.metrics["metric"]) == ("release-1.0", 1, 0.9)
+    assert torch.equal(genesis.load_version(store_url, "release-1.0")["model"]["w"], weights(1)["w"])
+    if "://" not in store_url:  # a hard link: the version costs no second copy of the bytes
+        assert (
+            os.stat(Path(store_url) / "version_release-1.0.pth").st_ino
+            == os.stat(Path(store_url) / "best_model.pth").st_ino
+        )
+    # Versions are neither resumed from nor rolled away.
+    for epoch in range(3, 9):
+        mgr.save_epoch_checkpoint({"model": weights(epoch), "epoch": epoch}, epoch)
+    latest = mgr.load_latest_checkpoint()
+    assert latest is not None and latest["epoch"] == 8
+    assert [v.name for v in genesis.list_versions(store_url)] == ["release-1.0"]
+
+
+def test_tagging_a_damaged_checkpoint_is_refused(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path))
+    store.save("best_model.pth", weights(0))
+    (tmp_path / "best_model.pth").write_bytes(b"damaged")
+    with pytest.raises(genesis.CheckpointCorruptError):
+        genesis.tag_version(str(tmp_path), "v1")
+    with pytest.raises(FileNotFoundError):
+        genesis.tag_version(str(tmp_path), "v1", source="nope.pth")
+    assert genesis.list_versions(str(tmp_path)) == []
+
+
+def test_versions_survive_a_lost_manifest(store_url: str) -> None:
+    genesis.save_version(store_url, {"model": weights(0)}, "v1", metrics={"acc": 0.5})
+    mgr = CheckpointManager(store_url)
+    mgr.save_best_model({"model": weights(1)}, 0.7)
+    genesis.tag_version(store_url, "v2")
+    store = CheckpointStore(store_url)
+    store.fs.rm_file(store.path(MANIFEST_NAME))
+    rebuilt = genesis.list_versions(store_url)
+    assert [(v.name, dict(v.metrics)) for v in rebuilt] == [("v1", {"acc": 0.5}), ("v2", {"metric": 0.7})]
+    assert isinstance(rebuilt[0], Version)
