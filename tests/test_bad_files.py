@@ -166,3 +166,11 @@ def test_corrupt_everything_resumes_nothing_and_loads_nothing() -> None:
         store.fs.pipe_file(store.path(name), os.urandom(1000))
     found = resolve(CheckpointStore(url), validate=_validate_training_checkpoint)
     assert found.record is None and found.checkpoint is None and len(found.skipped) == 2
+
+
+@pytest.fixture(params=["local", "memory"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """These tests take a plain URL; their s3 variants are not adapted to StoreTarget yet (see issue notes)."""
+    from conftest import make_target
+
+    return make_target(request, tmp_path, request.param).url

@@ -6,6 +6,7 @@ import io
 import logging
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -117,3 +118,11 @@ def test_a_normal_run_leaves_no_false_alarm_for_the_next(tmp_path, caplog: pytes
         fit(d, 4, keep_last=1)
     assert "interrupted deletion" not in caplog.text
     assert CheckpointStore(d).manifest().deleting <= {"checkpoint_epoch_2.pth"}
+
+
+@pytest.fixture(params=["local", "memory"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """These tests take a plain URL; their s3 variants are not adapted to StoreTarget yet (see issue notes)."""
+    from conftest import make_target
+
+    return make_target(request, tmp_path, request.param).url

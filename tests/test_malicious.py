@@ -117,3 +117,11 @@ def test_auto_resume_refuses_before_training(tmp_path: Path, marker: Path) -> No
     assert Count.batches == 0 and not marker.exists()
     assert sorted(os.listdir(d)) == ["checkpoint_epoch_0.pth", MANIFEST_NAME]
     assert LOCK_NAME not in os.listdir(d)
+
+
+@pytest.fixture(params=["local", "memory"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """These tests take a plain URL; their s3 variants are not adapted to StoreTarget yet (see issue notes)."""
+    from conftest import make_target
+
+    return make_target(request, tmp_path, request.param).url

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +155,11 @@ def test_the_lock_file_is_never_a_checkpoint(store_url: str, caplog: pytest.LogC
         assert store.sweep_temp() == [] and lock_on_disk(store) is not None
     finally:
         store.release_lock()
+
+
+@pytest.fixture(params=["local", "memory"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """These tests take a plain URL; their s3 variants are not adapted to StoreTarget yet (see issue notes)."""
+    from conftest import make_target
+
+    return make_target(request, tmp_path, request.param).url
