@@ -88,15 +88,26 @@ class FailBeforeRename(RenameCommit):
         raise OSError(28, "No space left on device")
 
 
-class FailManifestWrite(RenameCommit):
-    """The data file commits, then the manifest write (the commit point) fails."""
+class FailReplacingMark(RenameCommit):
+    """The first manifest write, which marks the name as being replaced, fails: nothing was touched."""
 
     def _before_rename(self, tmp: str, final: str) -> None:
         if final.endswith(MANIFEST_NAME):
             raise OSError(28, "No space left on device")
 
 
-@pytest.mark.parametrize("commit", [FailBeforeRename, FailManifestWrite])
+class FailManifestWrite(RenameCommit):
+    """The data file commits, then the manifest write (the commit point) fails."""
+
+    data_landed = False
+
+    def _before_rename(self, tmp: str, final: str) -> None:
+        if final.endswith(MANIFEST_NAME) and self.data_landed:
+            raise OSError(28, "No space left on device")
+        self.data_landed |= final.endswith("/model.pth")
+
+
+@pytest.mark.parametrize("commit", [FailReplacingMark, FailBeforeRename, FailManifestWrite])
 def test_failed_overwrite_leaves_the_original_intact_locally(
     tmp_path: Path, commit: type[RenameCommit], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -124,20 +135,31 @@ def faulty_dir() -> Iterator[str]:
     FaultyMemoryFileSystem.pseudo_dirs[:] = [""]
 
 
-@pytest.mark.parametrize("fail", ["data", "manifest"])
+@pytest.mark.parametrize("fail", ["replacing-mark", "data", "commit"])
 def test_failed_overwrite_leaves_the_original_intact_on_an_object_store(
     faulty_dir: str, fail: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = f"{faulty_dir}/model.pth"
     record = genesis.save(model_state(0), path)
     old = raw(path)
-    target = MANIFEST_NAME if fail == "manifest" else "model.pth"
-    FaultyMemoryFileSystem.fail_on = lambda p, mode: mode == "wb" and p.endswith("/" + target)
+    manifest_writes = 0
+
+    def fail_on(p: str, mode: str) -> bool:
+        nonlocal manifest_writes
+        if mode != "wb":
+            return False
+        if fail == "data":
+            return p.endswith("/model.pth")
+        manifest_writes += p.endswith("/" + MANIFEST_NAME)
+        # The first manifest write marks the replacement; the second, after the data, is the commit.
+        return p.endswith("/" + MANIFEST_NAME) and manifest_writes == (1 if fail == "replacing-mark" else 2)
+
+    FaultyMemoryFileSystem.fail_on = fail_on
     with pytest.raises(OSError, match="injected"), caplog.at_level(logging.WARNING):
         genesis.save(model_state(1), path)
     FaultyMemoryFileSystem.fail_on = None
     # Only a failure after the data landed under its name needs the backup.
-    assert ("restored it from its backup" in caplog.text) == (fail == "manifest")
+    assert ("restored it from its backup" in caplog.text) == (fail == "commit")
     assert raw(path) == old
     assert file_store(path)[0].manifest().get("model.pth") == record
     assert names_in(path) == [MANIFEST_NAME, "model.pth"]
