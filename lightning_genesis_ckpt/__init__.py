@@ -24,7 +24,7 @@ from .importer import import_checkpoint
 from .manager import CheckpointManager
 from .manifest import CheckpointRecord, Manifest
 from .resume import Resolution, resolve
-from .store import CheckpointStore
+from .store import CheckpointStore, StoreReader
 from .tools import LoadReport, load_state_dict_into, validate_checkpoint
 from .versions import Version, list_versions, load_version, save_version, tag_version
 
@@ -58,6 +58,7 @@ __all__ = [
     "MonitorNotFoundError",
     "Resolution",
     "StoreLockedError",
+    "StoreReader",
     "UnsafeCheckpointError",
     "Version",
     "__version__",

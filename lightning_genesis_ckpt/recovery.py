@@ -19,6 +19,7 @@ from .errors import CheckpointCorruptError, UnsafeCheckpointError
 from .manifest import CheckpointRecord, Manifest, role_of_name
 
 if TYPE_CHECKING:
+    from .reader import StoreReader
     from .store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ METADATA_KEY = "genesis_ckpt"
 
 
 def record_from_file(
-    store: CheckpointStore, name: str, size: int, checksum: str, role: str | None = None, *, why: str
+    store: StoreReader, name: str, size: int, checksum: str, role: str | None = None, *, why: str
 ) -> CheckpointRecord | None:
     """A record for ``name`` from the metadata inside it (``seq`` 0), or None if it has none or won't load.
 
@@ -59,7 +60,7 @@ def record_from_file(
     )
 
 
-def rebuild(store: CheckpointStore) -> Manifest:
+def rebuild(store: StoreReader) -> Manifest:
     """A manifest made from the metadata each checkpoint file carries.
 
     Files without our metadata (other tools' files, user files) are left out and never touched.
@@ -84,7 +85,7 @@ def rebuild(store: CheckpointStore) -> Manifest:
     return manifest
 
 
-def settle_replacements(store: CheckpointStore, manifest: Manifest) -> Manifest:
+def settle_replacements(store: StoreReader, manifest: Manifest) -> Manifest:
     """Resolve the names a dead writer was replacing in place; returns a manifest with ``replacing`` empty."""
     for name in sorted(manifest.replacing):
         old = manifest.get(name)

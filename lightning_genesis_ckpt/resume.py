@@ -9,9 +9,9 @@ from typing import Any
 
 from .errors import CheckpointCorruptError
 from .manifest import CheckpointRecord
+from .reader import StoreReader
 from .retention import epoch_order
 from .serialization import MapLocation, Serializer
-from .store import CheckpointStore
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Resolution:
 
 
 def resolve(
-    store: CheckpointStore,
+    store: StoreReader,
     *,
     trusted: bool = False,
     load: bool = True,
