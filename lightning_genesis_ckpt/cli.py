@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .deploy import FORMATS, export
 from .errors import GenesisCheckpointError
 from .manifest import CheckpointRecord
 from .resume import resolve
@@ -247,6 +248,58 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_model(spec: str) -> type[torch.nn.Module]:
+    """``package.module:ClassName`` -> the class (the user names their own code; nothing from the file)."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"--model expects package.module:ClassName, got {spec!r}")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"cannot import --model {spec!r}: {e}") from e
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise UserError(f"--model {spec!r} is not a torch.nn.Module class")
+    return cls
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    model = example = None
+    if args.format != "safetensors":
+        if not (args.model and args.input_shape):
+            raise UserError(f"--format {args.format} needs --model package.module:Class and --input-shape")
+        model = _import_model(args.model)
+        try:
+            shape = [int(d) for d in args.input_shape.split(",")]
+        except ValueError as e:
+            raise UserError(
+                f"--input-shape expects comma-separated sizes like 1,32, got {args.input_shape!r}"
+            ) from e
+        example = torch.zeros(shape)
+    try:
+        out = export(
+            args.file,
+            args.out,
+            args.format,
+            model=model,
+            example_input=example,
+            trusted=args.trusted,
+            storage_options=args.options,
+        )
+    except (ValueError, TypeError, ImportError, RuntimeError) as e:
+        # What the file holds or what the model expects does not fit: the message names it.
+        raise UserError(f"cannot export {args.file}: {e}") from e
+    store, name = _target(out, args.options)
+    size = store.fs.size(store.path(name)) if name is not None else 0
+    _emit(
+        args,
+        {"source": args.file, "out": out, "format": args.format, "size": size},
+        f"exported {args.file} -> {out} ({args.format}, {human_size(size)})",
+    )
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``genesis-ckpt``."""
@@ -293,6 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["min", "max"], default="min")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("export", parents=[common], help="export a checkpoint's model for deployment")
+    p.add_argument("file", help="a checkpoint file (Lightning, save/save_checkpoint, or a state dict)")
+    p.add_argument("out", help="the artifact to write (path or URL)")
+    p.add_argument("--format", choices=FORMATS, default="safetensors")
+    p.add_argument("--model", help="package.module:Class to trace (torch.export and torchscript only)")
+    p.add_argument("--input-shape", help="example input shape to trace with, e.g. 1,32 (program formats)")
+    p.add_argument("--trusted", action="store_true", help="allow full pickle (only for files you trust)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -144,3 +144,40 @@ def test_inspect_of_garbage_is_a_clear_error(tmp_path: Path) -> None:
     out = cli("inspect", str(bad))
     assert out.returncode == 2 and "bad.pth" in out.stderr and "corrupt" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_export_safetensors_writes_the_weights_only(tmp_path: Path, store_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    out_file = tmp_path / "model.safetensors"
+    out = cli("export", str(store_dir / "best_model.pth"), str(out_file), "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert (report["format"], report["size"]) == ("safetensors", out_file.stat().st_size)
+    weights = load_file(str(out_file))
+    assert list(weights) == ["w"] and torch.equal(weights["w"], torch.full((4,), 1.0))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--format", "torch.export"), "needs --model"),
+        (("--format", "torch.export", "--model", "nomodule", "--input-shape", "1,4"), "package.module:Class"),
+        (
+            ("--format", "torch.export", "--model", "json:loads", "--input-shape", "1,4"),
+            "not a torch.nn.Module",
+        ),
+        (("--format", "torch.export", "--model", "torch.nn:Linear", "--input-shape", "a,b"), "--input-shape"),
+    ],
+)
+def test_export_bad_options_are_one_line_exit_2(
+    tmp_path: Path, store_dir: Path, extra: tuple[str, ...], message: str
+) -> None:
+    out = cli("export", str(store_dir / "best_model.pth"), str(tmp_path / "m.pt2"), *extra)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "m.pt2").exists()
+
+
+def test_export_of_a_missing_file_names_it(tmp_path: Path) -> None:
+    out = cli("export", str(tmp_path / "nope.pth"), str(tmp_path / "m.safetensors"))
+    assert out.returncode == 2 and "nope.pth" in out.stderr and "Traceback" not in out.stderr
