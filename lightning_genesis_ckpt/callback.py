@@ -15,9 +15,10 @@ from ._lightning import CHECKPOINT_BASES, check_compatibility, dump_checkpoint, 
 from .async_save import BackgroundSaver, SnapshotBuffers
 from .errors import MonitorNotFoundError
 from .manifest import BEST_NAME, INTERRUPT_NAME, CheckpointRecord, epoch_name
+from .reader import transfer_summary
 from .resume import Resolution, resolve
 from .retention import EveryNEpochs, KeepBestK, KeepLastN, Mode, is_better, rolling_to_delete
-from .store import CheckpointStore, human_size
+from .store import CheckpointStore
 
 if TYPE_CHECKING:
     from pytorch_lightning.callbacks import Checkpoint as _CheckpointBase
@@ -140,6 +141,8 @@ class GenesisCheckpoint(_CheckpointBase):
         self.resumed_from = None
         self._training_started = False
         self._validated = False
+        # Lightning's convention: info lines come from global rank 0 only (every rank loads on resume).
+        self.store.verbose = self.verbose and trainer.is_global_zero
         if trainer.is_global_zero:
             # Fail here, before any training step, rather than after the first epoch's work.
             self.store.ensure_writable()
@@ -179,12 +182,11 @@ class GenesisCheckpoint(_CheckpointBase):
         if self.verbose and trainer.is_global_zero:
             elapsed = time.perf_counter() - start
             log.info(
-                "resuming from %s (epoch %s, step %s; %s verified and loaded in %.2fs)",
+                "resuming from %s (epoch %s, step %s; verified and loaded %s)",
                 self.store.url_for(rec.name),
                 rec.epoch,
                 rec.global_step,
-                human_size(rec.size),
-                elapsed,
+                transfer_summary(rec.size, elapsed),
             )
         return self.store.url_for(rec.name), found.checkpoint
 

@@ -18,7 +18,7 @@ from .atomicity import CommitStrategy, is_temp_name, strategy_for, temp_name
 from .errors import CheckpointSaveError
 from .lock import DEFAULT_LEASE_S, StoreLock
 from .manifest import LOCK_NAME, MANIFEST_NAME, CheckpointRecord, Manifest, role_of_name
-from .reader import StoreReader, human_size
+from .reader import StoreReader, human_size, transfer_summary
 from .recovery import METADATA_KEY
 from .serialization import Serializer
 
@@ -215,13 +215,7 @@ class CheckpointStore(StoreReader):
             self._retract(name)
         elapsed = time.perf_counter() - start
         if self.verbose:
-            log.info(
-                "saved %s (%s in %.2fs, %s)",
-                self.url_for(name),
-                human_size(size),
-                elapsed,
-                f"{size / elapsed / 2**20:.0f} MiB/s" if elapsed > 0 else "-",
-            )
+            log.info("saved %s (%s)", self.url_for(name), transfer_summary(size, elapsed))
         return record
 
     def copy(self, src: str, dst: str, *, role: str | None = None) -> CheckpointRecord:

@@ -309,3 +309,21 @@ class Exploit:
         import os
 
         return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("verbose", [True, False])
+def test_a_slow_load_logs_one_line_with_size_and_speed(
+    store_url: StoreTarget, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, verbose: bool
+) -> None:
+    import lightning_genesis_ckpt.reader as reader
+
+    store = store_url.store(verbose=verbose)
+    rec = store.save("big.pth", state(1, n=100_000))
+    monkeypatch.setattr(reader, "SLOW_LOAD_S", 0.0)  # every load counts as slow
+    with caplog.at_level(logging.INFO, logger="lightning_genesis_ckpt"):
+        store.load("big.pth")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded")]
+    if verbose:
+        assert len(lines) == 1 and reader.human_size(rec.size) in lines[0] and "MiB/s" in lines[0]
+    else:
+        assert lines == []
