@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -362,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The commands print their own result; the library's info lines would say it twice. Warnings stay.
+    logging.getLogger("lightning_genesis_ckpt").setLevel(logging.WARNING)
     if getattr(args, "keep_last", 1) < 1 or getattr(args, "keep_best", 0) < 0:
         parser.error("--keep-last must be at least 1 and --keep-best at least 0")
     try:
