@@ -25,6 +25,8 @@ from .store import CheckpointStore, human_size
 
 PROG = "genesis-ckpt"
 
+ROLE_WORDS = {"epoch": "rolling checkpoint", "best": "best model", "interrupt": "interrupt snapshot"}
+
 
 class UserError(Exception):
     """A problem with what the user asked for; printed as one line, exit code 2."""
@@ -222,7 +224,8 @@ def cmd_resume_path(args: argparse.Namespace) -> int:
     else:
         lines.append(
             f"auto-resume would use {store.url_for(rec.name)} "
-            f"({rec.role}, epoch {rec.epoch}, step {rec.global_step}; newest valid by step, checksum verified)"
+            f"({ROLE_WORDS.get(rec.role, rec.role)}, epoch {rec.epoch}, step {rec.global_step}; "
+            "the most training among the valid candidates, checksum verified)"
         )
     _emit(args, payload, "\n".join(lines))
     return 0
