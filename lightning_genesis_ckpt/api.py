@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import CheckpointCorruptError
 from .manifest import CheckpointRecord
-from .serialization import MapLocation, Serializer, checksum_stream
+from .serialization import MapLocation, Serializer
 from .store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -167,17 +167,11 @@ def recover_from_backup(store: CheckpointStore, name: str) -> bool:
 
 
 def _checksum(store: CheckpointStore, name: str) -> tuple[int, str]:
-    with store.fs.open(store.path(name), "rb") as f:
-        return checksum_stream(f)
+    return store._checksum(name)
 
 
 def _remove_backup(store: CheckpointStore, backup: str) -> None:
-    try:
-        store.fs.rm_file(store.path(backup))
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.warning("could not remove the backup %s: %s", store.url_for(backup), e)
+    store.discard(backup, "the backup")
 
 
 def load(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from .api import file_store, load
+from .serialization import SPOOL_IN_MEMORY
 from .tools import WRAPPER_PREFIXES, extract_model_state_dict, load_state_dict_into, strip_key_prefixes
 
 log = logging.getLogger(__name__)
@@ -91,11 +94,16 @@ def export(
     load_state_dict_into(module, weights, strict=strict, strip_prefixes=strip_prefixes)
     module = module.to("cpu").eval()
     args = example_input if isinstance(example_input, tuple) else (example_input,)
-    with torch.no_grad(), store.commit.open_write(store.path(name)) as f:
+    # torch.export.save seeks back into what it wrote, which an object-store upload cannot: the program is
+    # built in a scratch file (memory up to 512 MiB, a local temp file above) and then streamed up.
+    with torch.no_grad(), tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as scratch:
         if format == "torch.export":
-            torch.export.save(torch.export.export(module, args), f)
+            torch.export.save(torch.export.export(module, args), scratch)
         else:
-            torch.jit.save(torch.jit.trace(module, args), f)
+            torch.jit.save(torch.jit.trace(module, args), scratch)
+        scratch.seek(0)
+        with store.commit.open_write(store.path(name)) as f:
+            shutil.copyfileobj(scratch, f, 8 * 2**20)
     log.info("exported %s of %s to %s", format, os.fspath(checkpoint_path), store.url_for(name))
     return store.url_for(name)
 

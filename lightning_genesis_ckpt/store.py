@@ -124,12 +124,22 @@ class CheckpointStore(StoreReader):
             raise
 
     def _retract(self, name: str) -> None:
+        # A marker left behind is harmless: the sweep removes it, and the file it names is committed.
+        self.discard(atomicity.intent_name(name), "intent marker")
+
+    def discard(self, name: str, what: str) -> bool:
+        """Remove ``name`` if it is there; True once it is gone. A failure is a warning naming ``what``.
+
+        For cleanup only (temp files, backups, leftovers): never for a file the manifest lists.
+        """
         try:
-            self.fs.rm_file(self.path(atomicity.intent_name(name)))
+            self.fs.rm_file(self.path(name))
         except FileNotFoundError:
             pass
-        except OSError as e:  # harmless: the sweep removes it, and the file it names is committed
-            log.warning("could not remove %s: %s", self.url_for(atomicity.intent_name(name)), e)
+        except OSError as e:
+            log.warning("could not remove %s %s: %s", what, self.url_for(name), e)
+            return False
+        return True
 
     def _write_manifest(self, manifest: Manifest) -> None:
         self.commit.write_bytes(self.manifest_path, manifest.encode(), fault="mid-manifest")
@@ -334,17 +344,7 @@ class CheckpointStore(StoreReader):
         except OSError as e:
             log.warning("could not remove old checkpoint(s) %s: %s", ", ".join(names), e)
             return []
-        gone = []
-        for name in names:
-            try:
-                self.fs.rm_file(self.path(name))
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.warning("could not remove old checkpoint %s: %s", self.url_for(name), e)
-                continue
-            gone.append(name)
-        return gone
+        return [name for name in names if self.discard(name, "old checkpoint")]
 
     def _commit_record(self, record: CheckpointRecord, manifest: Manifest, replacing: bool) -> None:
         """The commit point: the manifest lists ``record``. On failure a new file is removed again."""
@@ -362,12 +362,7 @@ class CheckpointStore(StoreReader):
             self._manifest = None
         else:
             # Uncommitted, and it would only take space on a disk that may be full.
-            try:
-                self.fs.rm_file(self.path(name))
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.warning("could not remove the uncommitted %s: %s", self.url_for(name), e)
+            self.discard(name, "the uncommitted")
         # Newest as resume sees it: most training, then a rolling/snapshot file over its best_model.pth copy.
         newest = max(committed, key=lambda r: (r.global_step or -1, r.role != "best", r.seq), default=None)
         intact = (

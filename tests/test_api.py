@@ -7,11 +7,13 @@ import os
 import pickle
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from conftest import StoreTarget
 from faulty import PROTOCOL, FaultyMemoryFileSystem
 from torch import nn
 
@@ -27,21 +29,24 @@ def model_state(seed: int) -> dict[str, torch.Tensor]:
     return dict(nn.Linear(8, 4).state_dict())
 
 
-def raw(path: str) -> bytes:
-    store, name = file_store(path)
+Options = Mapping[str, Any] | None
+
+
+def raw(path: str, options: Options = None) -> bytes:
+    store, name = file_store(path, options)
     with store.fs.open(store.path(name), "rb") as f:
         return f.read()
 
 
-def write_raw(path: str, data: bytes) -> None:
-    store, name = file_store(path)
+def write_raw(path: str, data: bytes, options: Options = None) -> None:
+    store, name = file_store(path, options)
     with store.fs.open(store.path(name), "wb") as f:
         f.write(data)
 
 
-def names_in(path: str) -> list[str]:
-    store, _ = file_store(path)
-    return sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(store.root, detail=False))
+def names_in(path: str, options: Options = None) -> list[str]:
+    store, _ = file_store(path, options)
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.root, detail=False))
 
 
 def assert_same(a: dict, b: dict) -> None:
@@ -50,16 +55,17 @@ def assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-def test_roundtrip_is_exact_and_checksummed(store_url: str) -> None:
-    path = f"{store_url}/model.pth"
+def test_roundtrip_is_exact_and_checksummed(store_url: StoreTarget) -> None:
+    opts = store_url.storage_options
+    path = f"{store_url.url}/model.pth"
     state = model_state(0)
     before = dict(state)
-    record = genesis.save(state, path)
+    record = genesis.save(state, path, storage_options=opts)
     assert state == before, "save must not clear or change the caller's dict"
-    loaded = genesis.load(path)
+    loaded = genesis.load(path, storage_options=opts)
     assert_same(loaded, state)  # exactly what was saved: no embedded metadata key
-    assert record.checksum == f"crc32:{zlib.crc32(raw(path)):08x}"
-    store, _ = file_store(path)
+    assert record.checksum == f"crc32:{zlib.crc32(raw(path, opts)):08x}"
+    store, _ = file_store(path, opts)
     assert store.manifest().get("model.pth") == record
 
 
@@ -167,54 +173,61 @@ def test_failed_overwrite_leaves_the_original_intact_on_an_object_store(
 
 
 def test_an_interrupted_save_is_settled_from_the_backup(
-    store_url: str, caplog: pytest.LogCaptureFixture
+    store_url: StoreTarget, caplog: pytest.LogCaptureFixture
 ) -> None:
     # What a save killed between writing the data and committing the manifest leaves on an object store:
     # new bytes under the name, the manifest still naming the old ones, and the backup.
-    path = f"{store_url}/model.pth"
-    genesis.save(model_state(0), path)
-    write_raw(path + BACKUP_SUFFIX, raw(path))
-    other = f"{store_url}/other.pth"
-    genesis.save(model_state(1), other)
-    write_raw(path, raw(other))
+    opts = store_url.storage_options
+    path = f"{store_url.url}/model.pth"
+    genesis.save(model_state(0), path, storage_options=opts)
+    write_raw(path + BACKUP_SUFFIX, raw(path, opts), opts)
+    other = f"{store_url.url}/other.pth"
+    genesis.save(model_state(1), other, storage_options=opts)
+    write_raw(path, raw(other, opts), opts)
     with caplog.at_level(logging.WARNING):
-        assert_same(genesis.load(path), model_state(0))
+        assert_same(genesis.load(path, storage_options=opts), model_state(0))
     assert "a save was interrupted" in caplog.text
-    assert BACKUP_SUFFIX not in " ".join(names_in(path))
+    assert BACKUP_SUFFIX not in " ".join(names_in(path, opts))
 
 
-def test_a_stale_backup_is_cleared_by_the_next_save(store_url: str) -> None:
-    path = f"{store_url}/model.pth"
-    genesis.save(model_state(0), path)
-    write_raw(path + BACKUP_SUFFIX, b"left over by a killed process")
-    genesis.save(model_state(1), path)
-    assert names_in(path) == [MANIFEST_NAME, "model.pth"]
-    assert_same(genesis.load(path), model_state(1))
+def test_a_stale_backup_is_cleared_by_the_next_save(store_url: StoreTarget) -> None:
+    opts = store_url.storage_options
+    path = f"{store_url.url}/model.pth"
+    genesis.save(model_state(0), path, storage_options=opts)
+    write_raw(path + BACKUP_SUFFIX, b"left over by a killed process", opts)
+    genesis.save(model_state(1), path, storage_options=opts)
+    assert names_in(path, opts) == [MANIFEST_NAME, "model.pth"]
+    assert_same(genesis.load(path, storage_options=opts), model_state(1))
 
 
-def test_missing_file_is_file_not_found(store_url: str) -> None:
+def test_missing_file_is_file_not_found(store_url: StoreTarget) -> None:
     with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
-        genesis.load(f"{store_url}/nope.pth")
+        genesis.load(f"{store_url.url}/nope.pth", storage_options=store_url.storage_options)
 
 
 @pytest.mark.parametrize("listed", [True, False], ids=["in-manifest", "plain-torch-file"])
 @pytest.mark.parametrize("damage", ["truncated", "zero-length", "garbage"])
-def test_damaged_file_raises_an_unpickling_error_naming_it(store_url: str, listed: bool, damage: str) -> None:
-    path = f"{store_url}/model.pth"
+def test_damaged_file_raises_an_unpickling_error_naming_it(
+    store_url: StoreTarget, listed: bool, damage: str
+) -> None:
+    opts = store_url.storage_options
+    path = f"{store_url.url}/model.pth"
     if listed:
-        genesis.save(model_state(0), path)
-        data = raw(path)
+        genesis.save(model_state(0), path, storage_options=opts)
+        data = raw(path, opts)
     else:
-        store, _ = file_store(path)
+        store, _ = file_store(path, opts)
         store.fs.makedirs(store.root, exist_ok=True)
         with store.fs.open(store.path("model.pth"), "wb") as f:
             torch.save(model_state(0), f)
-        data = raw(path)
+        data = raw(path, opts)
     write_raw(
-        path, {"truncated": data[: len(data) // 2], "zero-length": b"", "garbage": os.urandom(500)}[damage]
+        path,
+        {"truncated": data[: len(data) // 2], "zero-length": b"", "garbage": os.urandom(500)}[damage],
+        opts,
     )
     with pytest.raises(pickle.UnpicklingError, match=r"model\.pth") as info:
-        genesis.load(path)
+        genesis.load(path, storage_options=opts)
     assert isinstance(info.value, CheckpointCorruptError)
 
 
@@ -241,46 +254,49 @@ def test_relative_paths_use_the_working_directory(tmp_path: Path, monkeypatch: p
     assert_same(genesis.load(Path("model.pth")), model_state(0))
 
 
-def test_dill_objects_need_trusted_to_load(store_url: str, tmp_path: Path) -> None:
-    path = f"{store_url}/fn.pth"
+def test_dill_objects_need_trusted_to_load(store_url: StoreTarget, tmp_path: Path) -> None:
+    opts = store_url.storage_options
+    path = f"{store_url.url}/fn.pth"
     offset = 3
 
     def closure(x: int) -> int:
         return x + offset
 
-    genesis.save({"square": lambda x: x * x, "shift": closure}, path, serializer="dill")
+    genesis.save({"square": lambda x: x * x, "shift": closure}, path, serializer="dill", storage_options=opts)
     with pytest.raises(UnsafeCheckpointError, match="trusted=True") as info:
-        genesis.load(path)
+        genesis.load(path, storage_options=opts)
     assert isinstance(info.value, pickle.UnpicklingError)
     assert "it was saved with dill" in str(info.value) and "\x1b" not in str(info.value)
-    loaded = genesis.load(path, trusted=True)
+    loaded = genesis.load(path, trusted=True, storage_options=opts)
     assert (loaded["square"](4), loaded["shift"](4)) == (16, 7)
 
 
-def test_code_in_a_file_is_never_run_unless_trusted(store_url: str, tmp_path: Path) -> None:
+def test_code_in_a_file_is_never_run_unless_trusted(store_url: StoreTarget, tmp_path: Path) -> None:
+    opts = store_url.storage_options
     marker = tmp_path / "pwned"
 
     class Exploit:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    path = f"{store_url}/evil.pth"
-    genesis.save({"x": Exploit()}, path)
+    path = f"{store_url.url}/evil.pth"
+    genesis.save({"x": Exploit()}, path, storage_options=opts)
     with pytest.raises(UnsafeCheckpointError, match=r"evil\.pth"):
-        genesis.load(path)
+        genesis.load(path, storage_options=opts)
     assert not marker.exists()
 
 
-def test_save_checkpoint_roundtrip_restores_model_and_optimizer(store_url: str) -> None:
+def test_save_checkpoint_roundtrip_restores_model_and_optimizer(store_url: StoreTarget) -> None:
+    opts = store_url.storage_options
     torch.manual_seed(0)
     model = nn.Linear(8, 4)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     model(torch.randn(2, 8)).sum().backward()
     opt.step()
-    path = f"{store_url}/ckpt.pth"
-    genesis.save_checkpoint(model.state_dict(), opt.state_dict(), path)
-    assert set(genesis.load(path)) == {"model_state_dict", "optimizer_state_dict"}
-    model_sd, opt_sd = genesis.load_checkpoint(path)
+    path = f"{store_url.url}/ckpt.pth"
+    genesis.save_checkpoint(model.state_dict(), opt.state_dict(), path, storage_options=opts)
+    assert set(genesis.load(path, storage_options=opts)) == {"model_state_dict", "optimizer_state_dict"}
+    model_sd, opt_sd = genesis.load_checkpoint(path, storage_options=opts)
     fresh = nn.Linear(8, 4)
     fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.5)
     fresh.load_state_dict(model_sd)
@@ -290,20 +306,23 @@ def test_save_checkpoint_roundtrip_restores_model_and_optimizer(store_url: str) 
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
 
-def test_load_checkpoint_of_another_layout_says_what_to_use(store_url: str) -> None:
-    path = f"{store_url}/weights.pth"
-    genesis.save(model_state(0), path)
+def test_load_checkpoint_of_another_layout_says_what_to_use(store_url: StoreTarget) -> None:
+    opts = store_url.storage_options
+    path = f"{store_url.url}/weights.pth"
+    genesis.save(model_state(0), path, storage_options=opts)
     with pytest.raises(ValueError, match=r"genesis\.load\(\)"):
-        genesis.load_checkpoint(path)
+        genesis.load_checkpoint(path, storage_options=opts)
 
 
-def test_map_location(store_url: str) -> None:
-    path = f"{store_url}/model.pth"
-    genesis.save(model_state(0), path)
-    assert all(t.device.type == "meta" for t in genesis.load(path, map_location="meta").values())
+def test_map_location(store_url: StoreTarget) -> None:
+    opts = store_url.storage_options
+    path = f"{store_url.url}/model.pth"
+    genesis.save(model_state(0), path, storage_options=opts)
+    loaded = genesis.load(path, map_location="meta", storage_options=opts)
+    assert all(t.device.type == "meta" for t in loaded.values())
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no cuda device"):
-            genesis.load(path, map_location="cuda")
+            genesis.load(path, map_location="cuda", storage_options=opts)
 
 
 @pytest.mark.parametrize(
@@ -325,7 +344,8 @@ def test_a_directory_is_not_a_file_path() -> None:
         genesis.save({}, "some/dir/")
 
 
-def test_no_temporary_files_after_saves(store_url: str) -> None:
+def test_no_temporary_files_after_saves(store_url: StoreTarget) -> None:
+    opts = store_url.storage_options
     for i in range(3):
-        genesis.save(model_state(i), f"{store_url}/m.pth")
-    assert not [n for n in names_in(f"{store_url}/m.pth") if n.startswith(TMP_PREFIX)]
+        genesis.save(model_state(i), f"{store_url.url}/m.pth", storage_options=opts)
+    assert not [n for n in names_in(f"{store_url.url}/m.pth", opts) if n.startswith(TMP_PREFIX)]

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import StoreTarget
 from models import TinyModel, loaders, make_trainer
 
 from lightning_genesis_ckpt import (
@@ -64,8 +65,8 @@ DAMAGE: dict[str, Callable[[bytes], bytes]] = {
 LOAD_DETECTS = ["truncated", "zero-length", "random-bytes", "foreign-zip"]
 
 
-def store_with_two(url: str) -> CheckpointStore:
-    store = CheckpointStore(url)
+def store_with_two(url: str | StoreTarget) -> CheckpointStore:
+    store = url.store() if isinstance(url, StoreTarget) else CheckpointStore(url)
     store.save("checkpoint_epoch_0.pth", training_checkpoint(1), epoch=0, global_step=1)
     store.save("checkpoint_epoch_1.pth", training_checkpoint(2), epoch=1, global_step=2)
     return store
@@ -73,7 +74,7 @@ def store_with_two(url: str) -> CheckpointStore:
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_newest_is_skipped_and_the_previous_one_loaded(
-    store_url: str, damage: str, caplog: pytest.LogCaptureFixture
+    store_url: StoreTarget, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = store_with_two(store_url)
     path = store.path("checkpoint_epoch_1.pth")
@@ -81,7 +82,7 @@ def test_damaged_newest_is_skipped_and_the_previous_one_loaded(
     with pytest.raises(CheckpointCorruptError, match=r"checkpoint_epoch_1\.pth"):
         store.load("checkpoint_epoch_1.pth")  # listed: the checksum catches every kind
     with caplog.at_level(logging.WARNING):
-        found = resolve(CheckpointStore(store_url), validate=_validate_training_checkpoint)
+        found = resolve(store_url.store(), validate=_validate_training_checkpoint)
     assert found.record is not None and found.record.name == "checkpoint_epoch_0.pth"
     assert torch.equal(found.checkpoint["state_dict"]["w"], torch.full((500,), 1.0))
     assert [n for n, _ in found.skipped] == ["checkpoint_epoch_1.pth"]
@@ -89,7 +90,7 @@ def test_damaged_newest_is_skipped_and_the_previous_one_loaded(
 
 
 @pytest.mark.parametrize("damage", LOAD_DETECTS)
-def test_unlisted_damaged_file_is_a_corrupt_error_naming_it(store_url: str, damage: str) -> None:
+def test_unlisted_damaged_file_is_a_corrupt_error_naming_it(store_url: StoreTarget, damage: str) -> None:
     store = store_with_two(store_url)
     good = store.fs.cat_file(store.path("checkpoint_epoch_0.pth"))
     store.fs.pipe_file(store.path("somebodys.pth"), DAMAGE[damage](good))
@@ -100,7 +101,7 @@ def test_unlisted_damaged_file_is_a_corrupt_error_naming_it(store_url: str, dama
     assert isinstance(info.value.__cause__, Exception)  # torch's own error is kept as the cause
 
 
-def test_manifest_naming_missing_files(store_url: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_manifest_naming_missing_files(store_url: StoreTarget, caplog: pytest.LogCaptureFixture) -> None:
     store = store_with_two(store_url)
     store.fs.rm_file(store.path("checkpoint_epoch_1.pth"))
     with pytest.raises(
@@ -108,7 +109,7 @@ def test_manifest_naming_missing_files(store_url: str, caplog: pytest.LogCapture
     ):
         store.load("checkpoint_epoch_1.pth")
     with caplog.at_level(logging.WARNING):
-        found = resolve(CheckpointStore(store_url))
+        found = resolve(store_url.store())
     assert found.record is not None and found.record.name == "checkpoint_epoch_0.pth"
     assert "checkpoint_epoch_1.pth" in caplog.text
 
@@ -128,12 +129,12 @@ def test_manifest_naming_missing_files(store_url: str, caplog: pytest.LogCapture
     ],
 )
 def test_unusable_manifest_is_rebuilt_with_a_warning(
-    store_url: str, garbage: Callable[[bytes], bytes], caplog: pytest.LogCaptureFixture
+    store_url: StoreTarget, garbage: Callable[[bytes], bytes], caplog: pytest.LogCaptureFixture
 ) -> None:
     store = store_with_two(store_url)
     store.fs.pipe_file(store.manifest_path, garbage(store.fs.cat_file(store.manifest_path)))
     with caplog.at_level(logging.WARNING):
-        fresh = CheckpointStore(store_url)
+        fresh = store_url.store()
         records = fresh.manifest().records
     assert "rebuilding it from the checkpoint files" in caplog.text and MANIFEST_NAME in caplog.text
     assert sorted(records) == ["checkpoint_epoch_0.pth", "checkpoint_epoch_1.pth"]
@@ -166,11 +167,3 @@ def test_corrupt_everything_resumes_nothing_and_loads_nothing() -> None:
         store.fs.pipe_file(store.path(name), os.urandom(1000))
     found = resolve(CheckpointStore(url), validate=_validate_training_checkpoint)
     assert found.record is None and found.checkpoint is None and len(found.skipped) == 2
-
-
-@pytest.fixture(params=["local", "memory"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """These tests take a plain URL; their s3 variants are not adapted to StoreTarget yet (see issue notes)."""
-    from conftest import make_target
-
-    return make_target(request, tmp_path, request.param).url

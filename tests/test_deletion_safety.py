@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import fsspec
 import pytest
 import torch
+from conftest import StoreTarget
 from models import RaiseAt, TinyModel
 from test_callback import ScriptedScore, fit
 
@@ -20,20 +21,30 @@ from lightning_genesis_ckpt.manifest import MANIFEST_NAME
 
 
 @pytest.fixture
-def sibling_urls(store_url: str) -> Iterator[tuple[str, str]]:
+def sibling_urls(store_url: StoreTarget) -> Iterator[tuple[StoreTarget, StoreTarget]]:
     """``.../run1`` and ``.../run10``: one is a string prefix of the other, as object-store keys are."""
-    yield f"{store_url}/run1", f"{store_url}/run10"
+    yield (
+        dataclasses.replace(store_url, url=f"{store_url.url}/run1"),
+        dataclasses.replace(store_url, url=f"{store_url.url}/run10"),
+    )
 
 
-def put(url: str, name: str, data: bytes) -> None:
-    fs, root = fsspec.core.url_to_fs(url)
+def url_to_fs(url: str | StoreTarget) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and root of a directory, with a StoreTarget's storage options."""
+    if isinstance(url, StoreTarget):
+        return fsspec.core.url_to_fs(url.url, skip_instance_cache=True, **url.storage_options)
+    return fsspec.core.url_to_fs(url)
+
+
+def put(url: str | StoreTarget, name: str, data: bytes) -> None:
+    fs, root = url_to_fs(url)
     fs.makedirs(root, exist_ok=True)
     fs.pipe_file(f"{root}/{name}", data)
 
 
-def listing(url: str) -> dict[str, bytes]:
-    fs, root = fsspec.core.url_to_fs(url)
-    return {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in fs.ls(root, detail=False)}
+def listing(url: str | StoreTarget) -> dict[str, bytes]:
+    fs, root = url_to_fs(url)
+    return {p.rstrip("/").rsplit("/", 1)[-1]: fs.cat_file(p) for p in fs.ls(root, detail=False)}
 
 
 def foreign_files() -> dict[str, bytes]:
@@ -47,7 +58,9 @@ def foreign_files() -> dict[str, bytes]:
     }
 
 
-def test_a_run_never_touches_a_sibling_prefix_or_foreign_files(sibling_urls: tuple[str, str]) -> None:
+def test_a_run_never_touches_a_sibling_prefix_or_foreign_files(
+    sibling_urls: tuple[StoreTarget, StoreTarget],
+) -> None:
     mine, other = sibling_urls
     for name, data in foreign_files().items():
         put(other, name, data)
@@ -55,7 +68,7 @@ def test_a_run_never_touches_a_sibling_prefix_or_foreign_files(sibling_urls: tup
         put(mine, name, data)
     before_other, before_mine = listing(other), listing(mine)
     fit(mine, 4, keep_last=1)  # rotates three times, retires nothing it did not write
-    store = CheckpointStore(mine)
+    store = mine.store()
     store.sweep_temp()
     after = listing(mine)
     assert {k: after[k] for k in before_mine} == before_mine
@@ -89,17 +102,17 @@ def test_the_checkpoint_just_committed_is_never_rolled_out(tmp_path) -> None:
     store.verify("checkpoint_epoch_2.pth")
 
 
-def test_deletion_left_half_done_is_finished_only_for_names_it_uncommitted(store_url: str) -> None:
-    store = CheckpointStore(store_url)
+def test_deletion_left_half_done_is_finished_only_for_names_it_uncommitted(store_url: StoreTarget) -> None:
+    store = store_url.store()
     for name in ("a.pth", "b.pth"):
         store.save(name, {"w": torch.ones(2)})
     put(store_url, "user.pth", b"not ours")
     manifest = store.manifest().without(["a.pth", "b.pth"])
     store._write_manifest(manifest)  # as if killed right after this write: both files still there
     store.save("b.pth", {"w": torch.zeros(2)})  # b is committed again before anyone cleaned up
-    assert CheckpointStore(store_url).finish_deletions() == ["a.pth"]
+    assert store_url.store().finish_deletions() == ["a.pth"]
     assert sorted(listing(store_url)) == ["b.pth", MANIFEST_NAME, "user.pth"]
-    assert CheckpointStore(store_url).manifest().deleting == frozenset()
+    assert store_url.store().manifest().deleting == frozenset()
 
 
 def test_memory_run_rotates_only_its_own_files() -> None:
@@ -118,11 +131,3 @@ def test_a_normal_run_leaves_no_false_alarm_for_the_next(tmp_path, caplog: pytes
         fit(d, 4, keep_last=1)
     assert "interrupted deletion" not in caplog.text
     assert CheckpointStore(d).manifest().deleting <= {"checkpoint_epoch_2.pth"}
-
-
-@pytest.fixture(params=["local", "memory"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """These tests take a plain URL; their s3 variants are not adapted to StoreTarget yet (see issue notes)."""
-    from conftest import make_target
-
-    return make_target(request, tmp_path, request.param).url

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from conftest import StoreTarget
 from lightning_files import stock_lightning_checkpoint
 from models import TinyModel
 from safetensors.torch import load as safetensors_load
@@ -34,8 +37,8 @@ def trained_net() -> Net:
     return Net().eval()
 
 
-def read_bytes(url: str) -> bytes:
-    store, name = file_store(url)
+def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    store, name = file_store(url, storage_options)
     with store.fs.open(store.path(name), "rb") as f:
         return f.read()
 
@@ -47,13 +50,14 @@ def lightning_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Tiny
     return path, model.eval()
 
 
-def test_safetensors_from_a_plain_checkpoint_has_the_weights_only(store_url: str) -> None:
+def test_safetensors_from_a_plain_checkpoint_has_the_weights_only(store_url: StoreTarget) -> None:
+    opts = store_url.storage_options
     net = trained_net()
     opt = torch.optim.Adam(net.parameters())
-    src = f"{store_url}/ckpt.pth"
-    genesis.save_checkpoint(nn.DataParallel(net).state_dict(), opt.state_dict(), src)
-    out = genesis.export(src, f"{store_url}/model.safetensors")
-    weights = safetensors_load(read_bytes(out))
+    src = f"{store_url.url}/ckpt.pth"
+    genesis.save_checkpoint(nn.DataParallel(net).state_dict(), opt.state_dict(), src, storage_options=opts)
+    out = genesis.export(src, f"{store_url.url}/model.safetensors", storage_options=opts)
+    weights = safetensors_load(read_bytes(out, opts))
     assert sorted(weights) == sorted(net.state_dict()), "weights only, wrapper prefix stripped"
     fresh = Net().eval()
     fresh.load_state_dict(weights)
@@ -96,12 +100,20 @@ def test_program_formats_reproduce_the_outputs(tmp_path: Path, fmt: str) -> None
 
 
 def test_lightning_module_class_is_built_from_its_hyperparameters(
-    store_url: str, lightning_ckpt: tuple[Path, TinyModel]
+    store_url: StoreTarget, lightning_ckpt: tuple[Path, TinyModel]
 ) -> None:
+    opts = store_url.storage_options
     path, model = lightning_ckpt
     x = torch.randn(2, 16)
-    out = genesis.export(str(path), f"{store_url}/tiny.pt2", "torch.export", model=TinyModel, example_input=x)
-    program = torch.export.load(io.BytesIO(read_bytes(out))).module()
+    out = genesis.export(
+        str(path),
+        f"{store_url.url}/tiny.pt2",
+        "torch.export",
+        model=TinyModel,
+        example_input=x,
+        storage_options=opts,
+    )
+    program = torch.export.load(io.BytesIO(read_bytes(out, opts))).module()
     assert torch.equal(program(x), model(x))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import StoreTarget
 from lightning_files import stock_lightning_checkpoint
 from models import TinyModel, loaders, make_trainer
 
@@ -26,8 +27,8 @@ def plain_state(epoch: int) -> dict:
     return {"epoch": epoch, "model": {"w": torch.randn(3, 3)}, "val_acc": 0.5 + epoch / 100}
 
 
-def test_register_checksums_a_file_already_in_the_directory(store_url: str) -> None:
-    store = CheckpointStore(store_url)
+def test_register_checksums_a_file_already_in_the_directory(store_url: StoreTarget) -> None:
+    store = store_url.store()
     store.fs.makedirs(store.root, exist_ok=True)
     with store.fs.open(store.path("theirs.pth"), "wb") as f:
         torch.save({"w": torch.ones(2)}, f)
@@ -40,16 +41,19 @@ def test_register_checksums_a_file_already_in_the_directory(store_url: str) -> N
         "manual",
         2,
     )
-    assert CheckpointStore(store_url).verify("theirs.pth") == record
+    assert store_url.store().verify("theirs.pth") == record
     with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
         store.register("nope.pth")
 
 
-def test_import_copies_a_plain_file_in_and_verifies_it_from_then_on(tmp_path: Path, store_url: str) -> None:
+def test_import_copies_a_plain_file_in_and_verifies_it_from_then_on(
+    tmp_path: Path, store_url: StoreTarget
+) -> None:
+    opts = store_url.storage_options
     src = tmp_path / "elsewhere" / "model_v3.pth"
     src.parent.mkdir()
     torch.save(plain_state(3), src)
-    record = genesis.import_checkpoint(str(src), store_url)
+    record = genesis.import_checkpoint(str(src), store_url.url, storage_options=opts)
     assert (record.name, record.role, record.epoch, record.metrics["val_acc"]) == (
         "model_v3.pth",
         "manual",
@@ -57,11 +61,11 @@ def test_import_copies_a_plain_file_in_and_verifies_it_from_then_on(tmp_path: Pa
         0.53,
     )
     assert record.checksum == f"crc32:{zlib.crc32(src.read_bytes()):08x}"
-    store = CheckpointStore(store_url)
+    store = store_url.store()
     with store.fs.open(store.path("model_v3.pth"), "rb") as f:
         assert f.read() == src.read_bytes()
     assert src.exists(), "the source is copied, never moved"
-    assert genesis.load(store.url_for("model_v3.pth"))["epoch"] == 3
+    assert genesis.load(store.url_for("model_v3.pth"), storage_options=opts)["epoch"] == 3
 
 
 def test_import_in_place_does_not_copy(tmp_path: Path) -> None:
@@ -74,33 +78,41 @@ def test_import_in_place_does_not_copy(tmp_path: Path) -> None:
         genesis.import_checkpoint(str(tmp_path / "checkpoint_epoch_1.pth"), str(tmp_path))
 
 
-def test_imported_epoch_files_are_what_the_manager_resumes_from(tmp_path: Path, store_url: str) -> None:
+def test_imported_epoch_files_are_what_the_manager_resumes_from(
+    tmp_path: Path, store_url: StoreTarget
+) -> None:
+    url, opts = store_url.url, store_url.storage_options
     for epoch in (4, 12):
         torch.save(plain_state(epoch), tmp_path / f"checkpoint_epoch_{epoch}.pth")
-        genesis.import_checkpoint(str(tmp_path / f"checkpoint_epoch_{epoch}.pth"), store_url)
+        genesis.import_checkpoint(str(tmp_path / f"checkpoint_epoch_{epoch}.pth"), url, storage_options=opts)
     torch.save(plain_state(7), tmp_path / "snapshot.pth")
-    genesis.import_checkpoint(str(tmp_path / "snapshot.pth"), store_url, name="interrupt_checkpoint.pth")
-    mgr = CheckpointManager(store_url)
+    genesis.import_checkpoint(
+        str(tmp_path / "snapshot.pth"), url, name="interrupt_checkpoint.pth", storage_options=opts
+    )
+    mgr = CheckpointManager(url, storage_options=opts)
     loaded = mgr.load_latest_checkpoint()
     assert loaded is not None and loaded["epoch"] == 7 and mgr.last_loaded is not None
     assert mgr.last_loaded.role == "interrupt"
 
 
-def test_refuses_damaged_missing_and_taken(tmp_path: Path, store_url: str) -> None:
+def test_refuses_damaged_missing_and_taken(tmp_path: Path, store_url: StoreTarget) -> None:
+    url, opts = store_url.url, store_url.storage_options
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointCorruptError, match=r"bad\.pth"):
-        genesis.import_checkpoint(str(bad), store_url)
+        genesis.import_checkpoint(str(bad), url, storage_options=opts)
     with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
-        genesis.import_checkpoint(str(tmp_path / "missing.pth"), store_url)
-    assert CheckpointStore(store_url).records() == []
+        genesis.import_checkpoint(str(tmp_path / "missing.pth"), url, storage_options=opts)
+    assert store_url.store().records() == []
     torch.save(plain_state(1), tmp_path / "a.pth")
-    genesis.import_checkpoint(str(tmp_path / "a.pth"), store_url)
+    genesis.import_checkpoint(str(tmp_path / "a.pth"), url, storage_options=opts)
     torch.save(plain_state(2), tmp_path / "a2.pth")
     with pytest.raises(FileExistsError):
-        genesis.import_checkpoint(str(tmp_path / "a2.pth"), store_url, name="a.pth")
-    genesis.import_checkpoint(str(tmp_path / "a2.pth"), store_url, name="a.pth", overwrite=True)
-    assert genesis.load(CheckpointStore(store_url).url_for("a.pth"))["epoch"] == 2
+        genesis.import_checkpoint(str(tmp_path / "a2.pth"), url, name="a.pth", storage_options=opts)
+    genesis.import_checkpoint(
+        str(tmp_path / "a2.pth"), url, name="a.pth", overwrite=True, storage_options=opts
+    )
+    assert genesis.load(store_url.store().url_for("a.pth"), storage_options=opts)["epoch"] == 2
 
 
 def test_a_stock_lightning_checkpoint_is_imported_and_resumed_from(tmp_path: Path) -> None:

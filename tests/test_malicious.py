@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import StoreTarget
 from models import TinyModel, loaders, make_trainer
 
 from lightning_genesis_ckpt import CheckpointStore, GenesisCheckpoint, UnsafeCheckpointError, resolve
@@ -52,8 +53,8 @@ def test_the_exploit_is_real(tmp_path: Path, marker: Path) -> None:
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip-format", "legacy-format"])
-def test_load_refuses_and_says_how_to_trust(store_url: str, marker: Path, legacy: bool) -> None:
-    store = CheckpointStore(store_url)
+def test_load_refuses_and_says_how_to_trust(store_url: StoreTarget, marker: Path, legacy: bool) -> None:
+    store = store_url.store()
     store.save("best_model.pth", {"x": Exploit(marker)}, role="best", global_step=5)
     store.fs.pipe_file(store.path("unlisted.pth"), evil_bytes(marker, legacy))
     for name, verify in [("best_model.pth", True), ("best_model.pth", False), ("unlisted.pth", True)]:
@@ -65,19 +66,19 @@ def test_load_refuses_and_says_how_to_trust(store_url: str, marker: Path, legacy
     assert not marker.exists()
 
 
-def test_resume_refuses_instead_of_skipping(store_url: str, marker: Path) -> None:
-    store = CheckpointStore(store_url)
+def test_resume_refuses_instead_of_skipping(store_url: StoreTarget, marker: Path) -> None:
+    store = store_url.store()
     store.save("checkpoint_epoch_0.pth", {"w": torch.ones(3)}, global_step=1)
     store.save("checkpoint_epoch_1.pth", {"x": Exploit(marker)}, global_step=2)
     with pytest.raises(UnsafeCheckpointError, match=r"checkpoint_epoch_1\.pth"):
-        resolve(CheckpointStore(store_url))
+        resolve(store_url.store())
     assert not marker.exists()
 
 
 def test_recovery_paths_never_unpickle_code(
-    store_url: str, marker: Path, caplog: pytest.LogCaptureFixture
+    store_url: StoreTarget, marker: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = CheckpointStore(store_url)
+    store = store_url.store()
     store.save("checkpoint_epoch_0.pth", {"w": torch.ones(3)}, epoch=0, global_step=1)
     store.save("best_model.pth", {"w": torch.ones(3)}, global_step=1)
     store.save("checkpoint_epoch_1.pth", {"x": Exploit(marker)}, epoch=1, global_step=2)
@@ -85,13 +86,13 @@ def test_recovery_paths_never_unpickle_code(
     store._write_manifest(store.manifest().replacing_file("best_model.pth"))
     store.fs.pipe_file(store.path("best_model.pth"), evil_bytes(marker))
     with caplog.at_level(logging.WARNING):
-        settled = CheckpointStore(store_url).manifest()
+        settled = store_url.store().manifest()
     assert "best_model.pth changed during an interrupted commit and cannot be recovered" in caplog.text
     assert settled.get("best_model.pth") == store.manifest().get("best_model.pth")  # the old record
     # A lost manifest: rebuilding reads every file, and must leave the exploit out.
     store.fs.rm_file(store.manifest_path)
     with caplog.at_level(logging.WARNING):
-        rebuilt = CheckpointStore(store_url).manifest()
+        rebuilt = store_url.store().manifest()
     assert list(rebuilt.records) == ["checkpoint_epoch_0.pth"]
     assert "checkpoint_epoch_1.pth" in caplog.text and "trusted=True" in caplog.text
     assert not marker.exists()
@@ -117,11 +118,3 @@ def test_auto_resume_refuses_before_training(tmp_path: Path, marker: Path) -> No
     assert Count.batches == 0 and not marker.exists()
     assert sorted(os.listdir(d)) == ["checkpoint_epoch_0.pth", MANIFEST_NAME]
     assert LOCK_NAME not in os.listdir(d)
-
-
-@pytest.fixture(params=["local", "memory"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """These tests take a plain URL; their s3 variants are not adapted to StoreTarget yet (see issue notes)."""
-    from conftest import make_target
-
-    return make_target(request, tmp_path, request.param).url

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import StoreTarget
 from torch import nn
 
 import lightning_genesis_ckpt as genesis
@@ -27,6 +28,11 @@ def damage(store: CheckpointStore, name: str) -> None:
         data = f.read()
     with store.fs.open(store.path(name), "wb") as f:
         f.write(data[: len(data) // 2])
+
+
+def manager(target: StoreTarget, **kwargs: Any) -> CheckpointManager:
+    """A manager over ``target``, as a user opens one: its URL plus its storage options."""
+    return CheckpointManager(target.url, storage_options=target.storage_options, **kwargs)
 
 
 def files(store: CheckpointStore) -> list[str]:
@@ -59,8 +65,8 @@ def test_unavailable_device_fails_at_construction(tmp_path: Path) -> None:
         CheckpointManager(str(tmp_path), device="cuda")
 
 
-def test_rolling_cleanup_keeps_the_newest_by_epoch_number(store_url: str) -> None:
-    mgr = CheckpointManager(store_url, max_to_keep=3)
+def test_rolling_cleanup_keeps_the_newest_by_epoch_number(store_url: StoreTarget) -> None:
+    mgr = manager(store_url, max_to_keep=3)
     for epoch in range(12):  # 9, 10, 11: numeric order, where "9" > "10" lexically
         mgr.save_epoch_checkpoint(state(epoch), epoch)
     kept = [f"checkpoint_epoch_{e}.pth" for e in (10, 11, 9)]
@@ -70,8 +76,10 @@ def test_rolling_cleanup_keeps_the_newest_by_epoch_number(store_url: str) -> Non
     assert loaded is not None and loaded["epoch"] == 11
 
 
-def test_latest_prefers_the_interrupt_snapshot_and_keeps_it_until_the_next_save(store_url: str) -> None:
-    mgr = CheckpointManager(store_url)
+def test_latest_prefers_the_interrupt_snapshot_and_keeps_it_until_the_next_save(
+    store_url: StoreTarget,
+) -> None:
+    mgr = manager(store_url)
     for epoch in range(3):
         mgr.save_epoch_checkpoint(state(epoch), epoch)
     mgr.save_interrupt_checkpoint(state(2, batch=17))
@@ -79,7 +87,7 @@ def test_latest_prefers_the_interrupt_snapshot_and_keeps_it_until_the_next_save(
     assert loaded is not None and loaded["batch"] == 17
     assert mgr.last_loaded is not None and mgr.last_loaded.role == "interrupt"
     # A crash right after resuming: the next process resumes from the same snapshot.
-    again = CheckpointManager(store_url).load_latest_checkpoint()
+    again = manager(store_url).load_latest_checkpoint()
     assert again is not None and again["batch"] == 17
     mgr.save_epoch_checkpoint(state(3), 3)
     assert "interrupt_checkpoint.pth" not in mgr.store.manifest().records
@@ -88,18 +96,18 @@ def test_latest_prefers_the_interrupt_snapshot_and_keeps_it_until_the_next_save(
     assert latest is not None and latest["epoch"] == 3
 
 
-def test_a_best_model_save_does_not_retire_the_snapshot(store_url: str) -> None:
+def test_a_best_model_save_does_not_retire_the_snapshot(store_url: StoreTarget) -> None:
     # best_model.pth may hold only weights; the snapshot is the resumable state until an epoch commits.
-    mgr = CheckpointManager(store_url)
+    mgr = manager(store_url)
     mgr.save_interrupt_checkpoint(state(0))
     mgr.save_best_model({"model": state(0)["model"]}, metric=0.3)
     assert mgr.load_latest_checkpoint() is not None
 
 
 def test_corrupt_candidates_are_skipped_with_a_warning(
-    store_url: str, caplog: pytest.LogCaptureFixture
+    store_url: StoreTarget, caplog: pytest.LogCaptureFixture
 ) -> None:
-    mgr = CheckpointManager(store_url)
+    mgr = manager(store_url)
     for epoch in range(3):
         mgr.save_epoch_checkpoint(state(epoch), epoch)
     mgr.save_interrupt_checkpoint(state(2, batch=5))
@@ -116,14 +124,16 @@ def test_corrupt_candidates_are_skipped_with_a_warning(
     assert "no valid checkpoint" in caplog.text
 
 
-def test_nothing_to_resume_is_none(store_url: str) -> None:
-    mgr = CheckpointManager(store_url)
+def test_nothing_to_resume_is_none(store_url: StoreTarget) -> None:
+    mgr = manager(store_url)
     assert mgr.load_latest_checkpoint() is None
     assert mgr.load_best_model() is None
 
 
-def test_best_model_roundtrip_records_the_metric(store_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    mgr = CheckpointManager(store_url)
+def test_best_model_roundtrip_records_the_metric(
+    store_url: StoreTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    mgr = manager(store_url)
     mgr.save_best_model(state(0, val_acc=0.5), metric=0.5)
     mgr.save_best_model(state(1, val_acc=0.7), metric=torch.tensor(0.7))
     loaded = mgr.load_best_model()
@@ -137,8 +147,8 @@ def test_best_model_roundtrip_records_the_metric(store_url: str, caplog: pytest.
     assert "best_model.pth" in caplog.text
 
 
-def test_loads_return_exactly_what_was_saved(store_url: str) -> None:
-    mgr = CheckpointManager(store_url)
+def test_loads_return_exactly_what_was_saved(store_url: StoreTarget) -> None:
+    mgr = manager(store_url)
     saved = state(4, note="text", val_loss=0.25)
     before = dict(saved)
     mgr.save_epoch_checkpoint(saved, 4)
@@ -151,30 +161,35 @@ def test_loads_return_exactly_what_was_saved(store_url: str) -> None:
     assert (loaded["note"], loaded["val_loss"]) == ("text", 0.25)
 
 
-def test_tensors_are_mapped_to_device(store_url: str) -> None:
-    CheckpointManager(store_url).save_epoch_checkpoint(state(0), 0)
-    loaded = CheckpointManager(store_url, device="meta").load_latest_checkpoint()
+def test_tensors_are_mapped_to_device(store_url: StoreTarget) -> None:
+    manager(store_url).save_epoch_checkpoint(state(0), 0)
+    loaded = manager(store_url, device="meta").load_latest_checkpoint()
     assert loaded is not None and loaded["model"]["weight"].device.type == "meta"
 
 
-def test_same_store_as_the_callback(store_url: str) -> None:
-    mgr = CheckpointManager(store_url)
+def test_same_store_as_the_callback(store_url: StoreTarget) -> None:
+    mgr = manager(store_url)
     mgr.save_epoch_checkpoint(state(0, val_loss=0.4), 0)
     mgr.save_best_model(state(0), 0.4)
-    store = CheckpointStore(store_url)
+    store = store_url.store()
     roles = {r.name: r.role for r in store.records()}
     assert roles == {"checkpoint_epoch_0.pth": "epoch", "best_model.pth": "best"}
     record = store.verify("checkpoint_epoch_0.pth")
     assert (record.epoch, record.metrics["val_loss"]) == (0, 0.4)
-    assert genesis.load(store.url_for("checkpoint_epoch_0.pth"))["epoch"] == 0
+    assert (
+        genesis.load(store.url_for("checkpoint_epoch_0.pth"), storage_options=store_url.storage_options)[
+            "epoch"
+        ]
+        == 0
+    )
 
 
-def test_lost_manifest_is_rebuilt_from_the_files(store_url: str) -> None:
-    mgr = CheckpointManager(store_url)
+def test_lost_manifest_is_rebuilt_from_the_files(store_url: StoreTarget) -> None:
+    mgr = manager(store_url)
     for epoch in range(2):
         mgr.save_epoch_checkpoint(state(epoch), epoch)
     mgr.store.fs.rm_file(mgr.store.manifest_path)
-    loaded = CheckpointManager(store_url).load_latest_checkpoint()
+    loaded = manager(store_url).load_latest_checkpoint()
     assert loaded is not None and loaded["epoch"] == 1
 
 
@@ -214,17 +229,17 @@ class Config:
         self.lr = lr
 
 
-def test_custom_objects_need_trusted(store_url: str) -> None:
-    CheckpointManager(store_url).save_epoch_checkpoint(state(0, config=Config(0.1)), 0)
+def test_custom_objects_need_trusted(store_url: StoreTarget) -> None:
+    manager(store_url).save_epoch_checkpoint(state(0, config=Config(0.1)), 0)
     with pytest.raises(UnsafeCheckpointError, match="trusted=True"):
-        CheckpointManager(store_url).load_latest_checkpoint()
-    loaded = CheckpointManager(store_url, trusted=True).load_latest_checkpoint()
+        manager(store_url).load_latest_checkpoint()
+    loaded = manager(store_url, trusted=True).load_latest_checkpoint()
     assert loaded is not None and loaded["config"].lr == 0.1
 
 
-def test_dill_serializer_for_lambdas(store_url: str) -> None:
-    CheckpointManager(store_url, serializer="dill").save_epoch_checkpoint(state(0, sched=lambda e: 0.9**e), 0)
-    loaded = CheckpointManager(store_url, trusted=True).load_latest_checkpoint()
+def test_dill_serializer_for_lambdas(store_url: StoreTarget) -> None:
+    manager(store_url, serializer="dill").save_epoch_checkpoint(state(0, sched=lambda e: 0.9**e), 0)
+    loaded = manager(store_url, trusted=True).load_latest_checkpoint()
     assert loaded is not None and loaded["sched"](2) == pytest.approx(0.81)
 
 
@@ -233,8 +248,8 @@ class Unpicklable:
         raise RuntimeError("cannot pickle this on purpose")
 
 
-def test_a_failed_save_raises_and_keeps_what_was_committed(store_url: str) -> None:
-    mgr = CheckpointManager(store_url, max_to_keep=1)
+def test_a_failed_save_raises_and_keeps_what_was_committed(store_url: StoreTarget) -> None:
+    mgr = manager(store_url, max_to_keep=1)
     mgr.save_epoch_checkpoint(state(0), 0)
     with pytest.raises(RuntimeError, match="on purpose"):
         mgr.save_epoch_checkpoint(state(1, bad=Unpicklable()), 1)
@@ -243,8 +258,8 @@ def test_a_failed_save_raises_and_keeps_what_was_committed(store_url: str) -> No
     assert loaded is not None and loaded["epoch"] == 0
 
 
-def test_epoch_must_be_a_non_negative_int(store_url: str) -> None:
-    mgr = CheckpointManager(store_url)
+def test_epoch_must_be_a_non_negative_int(store_url: StoreTarget) -> None:
+    mgr = manager(store_url)
     with pytest.raises(ValueError, match="epoch"):
         mgr.save_epoch_checkpoint(state(0), -1)
     with pytest.raises(TypeError):
@@ -252,13 +267,14 @@ def test_epoch_must_be_a_non_negative_int(store_url: str) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_saved_state_loads_on_the_cpu_and_back(store_url: str) -> None:
+def test_gpu_saved_state_loads_on_the_cpu_and_back(store_url: StoreTarget) -> None:
     gpu_state = {"epoch": 0, "model": {k: v.cuda() for k, v in state(0)["model"].items()}}
-    CheckpointManager(store_url, device="cuda").save_epoch_checkpoint(gpu_state, 0)
-    on_cpu = CheckpointManager(store_url).load_latest_checkpoint()
+    manager(store_url, device="cuda").save_epoch_checkpoint(gpu_state, 0)
+    on_cpu = manager(store_url).load_latest_checkpoint()
     assert on_cpu is not None and on_cpu["model"]["weight"].device.type == "cpu"
-    assert genesis.load(CheckpointStore(store_url).url_for("checkpoint_epoch_0.pth"))["model"][
-        "weight"
-    ].is_cpu
-    on_gpu = CheckpointManager(store_url, device="cuda").load_latest_checkpoint()
+    loaded = genesis.load(
+        store_url.store().url_for("checkpoint_epoch_0.pth"), storage_options=store_url.storage_options
+    )
+    assert loaded["model"]["weight"].is_cpu
+    on_gpu = manager(store_url, device="cuda").load_latest_checkpoint()
     assert on_gpu is not None and on_gpu["model"]["weight"].is_cuda

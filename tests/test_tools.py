@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import StoreTarget
 from lightning_files import stock_lightning_checkpoint
 from torch import nn
 
@@ -47,9 +48,10 @@ def lightning_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ------------------------------------------------------------------------------------ validate_checkpoint
-def test_valid_file_with_a_manifest_record(store_url: str) -> None:
-    genesis.save(trained().state_dict(), f"{store_url}/m.pth")
-    ok, message = validate_checkpoint(f"{store_url}/m.pth")
+def test_valid_file_with_a_manifest_record(store_url: StoreTarget) -> None:
+    opts = store_url.storage_options
+    genesis.save(trained().state_dict(), f"{store_url.url}/m.pth", storage_options=opts)
+    ok, message = validate_checkpoint(f"{store_url.url}/m.pth", storage_options=opts)
     assert ok, message
     assert "matches the manifest" in message and "4 weight tensors" in message
 

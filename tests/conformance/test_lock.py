@@ -10,10 +10,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import StoreTarget
 
 from lightning_genesis_ckpt import CheckpointStore, StoreLockedError
 from lightning_genesis_ckpt.lock import LockInfo, _pid_namespace, _start_time
@@ -21,8 +21,8 @@ from lightning_genesis_ckpt.manifest import LOCK_NAME, MANIFEST_NAME
 
 
 @pytest.fixture
-def stores(store_url: str) -> Iterator[tuple[CheckpointStore, CheckpointStore]]:
-    a, b = CheckpointStore(store_url), CheckpointStore(store_url)
+def stores(store_url: StoreTarget) -> Iterator[tuple[CheckpointStore, CheckpointStore]]:
+    a, b = store_url.store(), store_url.store()
     yield a, b
     a.release_lock()
     b.release_lock()
@@ -112,7 +112,9 @@ def test_unreadable_lock_is_stale(
     assert "cannot be parsed" in caplog.text
 
 
-def test_a_taken_over_lock_stops_the_next_commit(stores: tuple[CheckpointStore, ...]) -> None:
+def test_a_taken_over_lock_stops_the_next_commit(
+    stores: tuple[CheckpointStore, ...], store_url: StoreTarget
+) -> None:
     a, _ = stores
     a.acquire_lock()
     a.save("x.pth", {"w": torch.ones(3)})
@@ -121,14 +123,14 @@ def test_a_taken_over_lock_stops_the_next_commit(stores: tuple[CheckpointStore, 
         a.save("y.pth", {"w": torch.ones(3)})
     with pytest.raises(StoreLockedError, match="lost its lock"):
         a.delete(["x.pth"])
-    assert sorted(CheckpointStore(a.url).manifest().records) == ["x.pth"]
+    assert sorted(store_url.store().manifest().records) == ["x.pth"]
     assert not a.fs.exists(a.path("y.pth"))
     a.release_lock()
     assert lock_on_disk(a).token == "someone-else", "release must not remove the new owner's lock"
 
 
-def test_heartbeat_is_refreshed_in_the_background(store_url: str) -> None:
-    store = CheckpointStore(store_url)
+def test_heartbeat_is_refreshed_in_the_background(store_url: StoreTarget) -> None:
+    store = store_url.store()
     store.acquire_lock(lease_s=0.2)
     try:
         first = lock_on_disk(store).heartbeat
@@ -140,8 +142,10 @@ def test_heartbeat_is_refreshed_in_the_background(store_url: str) -> None:
         store.release_lock()
 
 
-def test_the_lock_file_is_never_a_checkpoint(store_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    store = CheckpointStore(store_url)
+def test_the_lock_file_is_never_a_checkpoint(
+    store_url: StoreTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = store_url.store()
     store.acquire_lock()
     try:
         with pytest.raises(ValueError, match="reserved"):
@@ -149,17 +153,9 @@ def test_the_lock_file_is_never_a_checkpoint(store_url: str, caplog: pytest.LogC
         store.save("checkpoint_epoch_0.pth", {"w": torch.ones(3)}, epoch=0, global_step=1)
         store.fs.rm_file(store.path(MANIFEST_NAME))
         with caplog.at_level(logging.WARNING):
-            rebuilt = CheckpointStore(store_url).manifest()
+            rebuilt = store_url.store().manifest()
         assert list(rebuilt.records) == ["checkpoint_epoch_0.pth"]
         assert LOCK_NAME not in caplog.text
         assert store.sweep_temp() == [] and lock_on_disk(store) is not None
     finally:
         store.release_lock()
-
-
-@pytest.fixture(params=["local", "memory"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """These tests take a plain URL; their s3 variants are not adapted to StoreTarget yet (see issue notes)."""
-    from conftest import make_target
-
-    return make_target(request, tmp_path, request.param).url
