@@ -37,9 +37,17 @@ from typing import TYPE_CHECKING, Any
 
 from . import serialization
 from ._faults import fault_point
-from .atomicity import TMP_PREFIX, _fsync_dir, temp_name
+from .atomicity import TMP_PREFIX, _fsync_dir, is_temp_name, temp_name
 from .errors import CheckpointCorruptError
-from .manifest import CheckpointRecord, FileEntry, Manifest, role_of_name, tree_digest
+from .manifest import (
+    LOCK_NAME,
+    MANIFEST_NAME,
+    CheckpointRecord,
+    FileEntry,
+    Manifest,
+    role_of_name,
+    tree_digest,
+)
 
 if TYPE_CHECKING:
     from .reader import StoreReader
@@ -167,8 +175,12 @@ class PendingDirectory:
     """
 
     def __init__(self, store: CheckpointStore, name: str) -> None:
+        if name in (MANIFEST_NAME, LOCK_NAME) or is_temp_name(name):
+            raise ValueError(f"{name!r} is reserved for the store's own files; choose another name")
+        store.path(name)  # refuses names that could leave the directory
         self.store = store
         self.name = name
+        self._start = time.perf_counter()
         store._ensure_dir()
         if store.local:
             self.path = store.path(temp_name(name))
@@ -189,7 +201,7 @@ class PendingDirectory:
             CheckpointSaveError: writing or publishing failed; nothing committed was touched.
             FileExistsError: something the manifest does not list already has this name.
         """
-        from .store import library_versions
+        from .store import human_size, library_versions
 
         store, name = self.store, self.name
         try:
@@ -223,6 +235,14 @@ class PendingDirectory:
         finally:
             if os.path.exists(self.path):
                 shutil.rmtree(self.path, ignore_errors=True)
+        if store.verbose:
+            log.info(
+                "saved directory %s (%d files, %s in %.2fs)",
+                store.url_for(name),
+                len(files),
+                human_size(record.size),
+                time.perf_counter() - self._start,
+            )
         return record
 
 

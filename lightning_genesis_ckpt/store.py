@@ -226,56 +226,32 @@ class CheckpointStore(StoreReader):
         return record
 
     def begin_directory(self, name: str) -> PendingDirectory:
-        """Start a directory checkpoint (see :mod:`.directory`): fill ``.path``, then ``.commit(...)``.
+        """Start a directory checkpoint: fill its ``.path``, then ``.commit(...)`` (see :mod:`.directory`).
 
-        For strategies whose ranks all write into the directory: rank 0 begins, every rank writes into the
-        same ``.path``, rank 0 commits. On object stores ``.path`` is a local staging directory, so all
-        ranks must share this machine's disk. :meth:`save_directory` does all three for one writer.
+        For strategies whose ranks all write into one directory: rank 0 begins, every rank writes into the
+        same ``.path``, rank 0 commits. On object stores ``.path`` is local staging: one machine's ranks only.
         """
-        if name in (MANIFEST_NAME, LOCK_NAME) or is_temp_name(name):
-            raise ValueError(f"{name!r} is reserved for the store's own files; choose another name")
-        self.path(name)  # refuses names that could leave the directory
         with self._lock:
             self._check_lock()
         return PendingDirectory(self, name)
 
-    def save_directory(
-        self,
-        name: str,
-        write: Callable[[str], None],
-        *,
-        role: str | None = None,
-        epoch: int | None = None,
-        global_step: int | None = None,
-        metrics: Mapping[str, float] | None = None,
-        monitor: str | None = None,
-    ) -> CheckpointRecord:
-        """Commit a directory checkpoint: ``write(local_dir)`` fills an empty local directory, which is
-        then committed atomically under ``name`` with a size and crc32 per file in its record.
+    def save_directory(self, name: str, write: Callable[[str], None], **fields: Any) -> CheckpointRecord:
+        """Commit a directory checkpoint: ``write(local_dir)`` fills an empty local directory, committed
+        atomically under ``name`` with size and crc32 of every file in its record.
+
+        ``fields``: ``role``, ``epoch``, ``global_step``, ``metrics``, ``monitor``, as for :meth:`save`.
 
         Raises:
             CheckpointSaveError, StoreLockedError: as :meth:`save`.
             FileExistsError: something the manifest does not list already has this name.
             ValueError: ``write`` wrote no file, or a symlink or special file.
         """
-        start = time.perf_counter()
         pending = self.begin_directory(name)
         try:
             write(pending.path)
-            record = pending.commit(
-                role=role, epoch=epoch, global_step=global_step, metrics=metrics, monitor=monitor
-            )
+            return pending.commit(**fields)
         finally:
             pending.abort()
-        if self.verbose:
-            log.info(
-                "saved directory %s (%d files, %s in %.2fs)",
-                self.url_for(name),
-                len(record.files or {}),
-                human_size(record.size),
-                time.perf_counter() - start,
-            )
-        return record
 
     def copy(self, src: str, dst: str, *, role: str | None = None) -> CheckpointRecord:
         """Commit ``dst`` as a byte-identical copy of the committed ``src`` (a hard link on local disks).
