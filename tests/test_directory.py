@@ -262,3 +262,17 @@ def test_manifest_round_trip_and_strict_types() -> None:
     doc["version"] = 1
     with pytest.raises(ManifestError, match="version 2"):
         Manifest.decode(json.dumps(doc).encode(), "m")
+
+
+def test_cli_lists_and_verifies_a_directory_checkpoint(tmp_path: Path) -> None:
+    from test_cli import cli
+
+    store = CheckpointStore(str(tmp_path / "ck"))
+    store.save_directory("checkpoint_epoch_0.pth", writer(TREE), epoch=0, global_step=5)
+    out = cli("ls", str(tmp_path / "ck"))
+    assert out.returncode == 0 and "checkpoint_epoch_0.pth/ (3 files)" in out.stdout and "ok" in out.stdout
+    out = cli("verify", str(tmp_path / "ck" / "checkpoint_epoch_0.pth"))
+    assert out.returncode == 0 and "all 3 files match the manifest" in out.stdout, out.stdout + out.stderr
+    (tmp_path / "ck" / "checkpoint_epoch_0.pth" / "meta.pt").write_bytes(b"altered")
+    out = cli("verify", str(tmp_path / "ck"))
+    assert out.returncode == 1 and "meta.pt" in out.stdout
