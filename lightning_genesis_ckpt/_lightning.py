@@ -38,6 +38,7 @@ __all__ = [
     "dump_checkpoint",
     "install_resume_hook",
     "lightning_version_of",
+    "writes_directory",
 ]
 
 
@@ -78,12 +79,34 @@ def dump_checkpoint(trainer: Any) -> dict[str, Any]:
     return checkpoint
 
 
+def writes_directory(strategy: Any) -> bool:
+    """Whether ``strategy.save_checkpoint`` writes a directory, with every rank writing its own shard.
+
+    Lightning has no public property for this, so it is read from each strategy's own setting: FSDP with
+    ``state_dict_type="sharded"``, ``ModelParallelStrategy(save_distributed_checkpoint=True)`` (its
+    default), and DeepSpeed (always a directory). Matched by class name so that no optional dependency
+    (deepspeed) has to be imported.
+    """
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    if "FSDPStrategy" in names:
+        return getattr(strategy, "_state_dict_type", None) == "sharded"
+    if "ModelParallelStrategy" in names:
+        return bool(getattr(strategy, "_save_distributed_checkpoint", False))
+    return "DeepSpeedStrategy" in names
+
+
+#: What ``resolve`` hands the resume hook for a checkpoint Lightning must load itself: a directory, which
+#: only the strategy that wrote it can read, opened as a verified local path for the duration of the restore.
+LocalPathOpener = Callable[[], contextlib.AbstractContextManager[str]]
+
+
 def install_resume_hook(
-    trainer: Any, resolve: Callable[[], tuple[str, dict[str, Any]] | None]
+    trainer: Any, resolve: Callable[[], tuple[str, dict[str, Any] | LocalPathOpener] | None]
 ) -> Callable[[], None]:
     """Route ``fit`` without ``ckpt_path`` to ``resolve()``; returns a function that undoes this.
 
-    ``resolve`` returns ``(path, checkpoint_dict)`` to restore from, or None to start fresh. An explicit
+    ``resolve`` returns ``(path, checkpoint_dict)`` to restore from, ``(path, opener)`` for a directory
+    checkpoint (the strategy loads it from ``opener()``'s local path), or None to start fresh. An explicit
     ``ckpt_path`` (or one Lightning picked itself, such as SLURM's ``"hpc"``) is passed through untouched.
     The restore itself is Lightning's own: model, optimizers, schedulers, loops, callbacks, precision.
     """
@@ -100,6 +123,13 @@ def install_resume_hook(
             original(None, weights_only=weights_only)
             return
         path, checkpoint = found
+        if callable(checkpoint):
+            with checkpoint() as local:
+                # The strategy loads sharded state into the model and optimizers right here; every rank
+                # waits so that rank 0's temporary download outlives all ranks' reads.
+                original(local, weights_only=weights_only)
+                trainer.strategy.barrier("genesis_resume")
+            return
         connector._ckpt_path = path
         connector._loaded_checkpoint = _migrate(trainer, checkpoint, path)
 

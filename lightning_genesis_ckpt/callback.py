@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import rng
-from ._lightning import CHECKPOINT_BASES, check_compatibility, dump_checkpoint, install_resume_hook
+from ._lightning import (
+    CHECKPOINT_BASES,
+    LocalPathOpener,
+    check_compatibility,
+    dump_checkpoint,
+    install_resume_hook,
+    writes_directory,
+)
 from .async_save import BackgroundSaver, SnapshotBuffers
 from .errors import MonitorNotFoundError
 from .manifest import BEST_NAME, INTERRUPT_NAME, CheckpointRecord, epoch_name
@@ -169,7 +176,7 @@ class GenesisCheckpoint(_CheckpointBase):
         # The end of a successful fit: the last background save must have committed, or the user hears of it.
         self._saver.wait()
 
-    def _resolve_resume(self, trainer: Any) -> tuple[str, dict[str, Any]] | None:
+    def _resolve_resume(self, trainer: Any) -> tuple[str, dict[str, Any] | LocalPathOpener] | None:
         start = time.perf_counter()
         if trainer.world_size > 1:
             found = self._resolve_resume_distributed(trainer)
@@ -188,6 +195,8 @@ class GenesisCheckpoint(_CheckpointBase):
                 rec.global_step,
                 transfer_summary(rec.size, elapsed),
             )
+        if rec.is_directory:
+            return self.store.url_for(rec.name), lambda: self.store.local_copy(rec.name)
         return self.store.url_for(rec.name), found.checkpoint
 
     def _resolve_resume_distributed(self, trainer: Any) -> Resolution:
@@ -220,6 +229,8 @@ class GenesisCheckpoint(_CheckpointBase):
             return found
         try:
             record = self.store.manifest(refresh=True).get(name)
+            if record is not None and record.is_directory:
+                return Resolution(record=record)  # the strategy loads it, on every rank (see the hook)
             checkpoint = self.store.load(name, trusted=self.trusted)
         except FileNotFoundError as e:
             raise FileNotFoundError(
@@ -269,14 +280,25 @@ class GenesisCheckpoint(_CheckpointBase):
             return
         due, improved = decision
         checkpoint = dump_checkpoint(trainer)
-        if not trainer.is_global_zero:
-            return
         fields = {
             "epoch": epoch,
             "global_step": trainer.global_step,
             "metrics": metrics,
             "monitor": self.monitor,
         }
+        if writes_directory(trainer.strategy):
+            # Sharded state: every rank writes its shard through the strategy, synchronously.
+            name = epoch_name(epoch) if due else BEST_NAME
+            record = self._save_directory(
+                trainer, checkpoint, name, role="epoch" if due else "best", **fields
+            )
+            if record is not None:
+                if due and improved:
+                    self.store.copy(record.name, BEST_NAME, role="best")
+                self._after_commit(record)
+            return
+        if not trainer.is_global_zero:
+            return
         if self.async_save:
             snapshot = self._snapshots.snapshot(checkpoint)
             del checkpoint
@@ -294,6 +316,42 @@ class GenesisCheckpoint(_CheckpointBase):
             record = self.store.save(BEST_NAME, checkpoint, role="best", **fields)
         self.last_saved = record
         self._after_commit(record)
+
+    def _save_directory(
+        self, trainer: Any, checkpoint: dict[str, Any], name: str, **fields: Any
+    ) -> CheckpointRecord | None:
+        """Commit a checkpoint the strategy writes as a directory; called on every rank, returns the record
+        on rank 0 (None elsewhere).
+
+        Rank 0 opens the pending directory (a temporary sibling of ``name``, or local staging for an object
+        store) and broadcasts its path, even when that failed, so that no rank waits forever; every rank
+        writes its shard into it; after a barrier rank 0 commits. The strategy broadcasts rank 0's path
+        again itself. With an object store all ranks must share rank 0's local disk (one machine).
+        """
+        pending, failure = None, None
+        if trainer.is_global_zero:
+            try:
+                pending = self.store.begin_directory(name)
+            except Exception as e:
+                failure = e
+        path, reason = trainer.strategy.broadcast(
+            (None if pending is None else pending.path, None if failure is None else repr(failure)), src=0
+        )
+        if failure is not None:
+            raise failure
+        if reason is not None:
+            raise RuntimeError(f"rank 0 could not start the checkpoint {self.store.url_for(name)}: {reason}")
+        try:
+            trainer.strategy.save_checkpoint(checkpoint, path)
+            trainer.strategy.barrier("genesis_save_directory")
+            if pending is None:
+                return None
+            record = pending.commit(**fields)
+        finally:
+            if pending is not None:
+                pending.abort()
+        self.last_saved = record
+        return record
 
     def _finish_background_save(self, *, raise_errors: bool) -> None:
         try:
@@ -313,7 +371,12 @@ class GenesisCheckpoint(_CheckpointBase):
             self.store.release_lock()
 
     def _save_snapshot(self, trainer: Any, exception: BaseException) -> None:
-        if not (self.save_on_exception and self._training_started and trainer.is_global_zero):
+        if not (self.save_on_exception and self._training_started):
+            return
+        if writes_directory(trainer.strategy):
+            self._save_directory_snapshot(trainer, exception)
+            return
+        if not trainer.is_global_zero:
             return
         try:
             checkpoint = dump_checkpoint(trainer)
@@ -335,6 +398,34 @@ class GenesisCheckpoint(_CheckpointBase):
             )
         except Exception as e:
             # The original exception is what the user must see; a failed snapshot must not replace it.
+            log.error(
+                "could not save the interrupt snapshot to %s: %s", self.store.url_for(INTERRUPT_NAME), e
+            )
+
+    def _save_directory_snapshot(self, trainer: Any, exception: BaseException) -> None:
+        # A sharded snapshot needs every rank inside the same collective save; after an exception the
+        # other ranks may be anywhere (or dead), and waiting for them could hang the job. One process only.
+        if trainer.world_size > 1:
+            log.warning(
+                "fit interrupted by %s: no snapshot, because a sharded checkpoint needs all %d ranks and they "
+                "cannot be gathered safely after an exception; the newest committed checkpoint is used to resume",
+                type(exception).__name__,
+                trainer.world_size,
+            )
+            return
+        fields = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
+        try:
+            checkpoint = dump_checkpoint(trainer)
+            self._save_directory(
+                trainer,
+                checkpoint,
+                INTERRUPT_NAME,
+                role="interrupt",
+                monitor=self.monitor,
+                metrics=self._metrics(trainer),
+                **fields,
+            )
+        except Exception as e:
             log.error(
                 "could not save the interrupt snapshot to %s: %s", self.store.url_for(INTERRUPT_NAME), e
             )

@@ -67,6 +67,11 @@ def _target(url: str, options: dict[str, Any]) -> tuple[CheckpointStore, str | N
     """A directory gives (store, None); a file gives (its directory's store, its name)."""
     store = _open_store(url, options, must_exist=False)
     if store.fs.isdir(store.root):
+        parent = _open_store(_split_file(url)[0], options, must_exist=False)
+        if not store.fs.exists(store.manifest_path) and parent.fs.exists(parent.manifest_path):
+            name = _split_file(url)[1]
+            if name in parent.manifest().records:  # a directory checkpoint, not a checkpoint directory
+                return parent, name
         return store, None
     if not store.fs.exists(store.root):
         raise UserError(f"{url!r} does not exist")
@@ -91,6 +96,9 @@ def _status(store: CheckpointStore, record: CheckpointRecord, checksums: bool) -
     try:
         if checksums:
             store.verify(record.name)
+        elif record.is_directory:  # sizes are per file: only --verify reads the tree
+            if not store.fs.isdir(store.path(record.name)):
+                return "missing"
         elif store.fs.size(store.path(record.name)) != record.size:
             return "corrupt"
     except FileNotFoundError:
@@ -120,7 +128,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         metric = "-" if value is None else f"{r.monitor}={value:.4g}"
         table.append(
             [
-                r.name,
+                f"{r.name}/ ({len(r.files)} files)" if r.files is not None else r.name,
                 r.role,
                 str(r.epoch),
                 str(r.global_step),
@@ -141,8 +149,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for n in names:
         try:
             if n in store.manifest().records:
-                store.verify(n)
-                results.append({"name": n, "status": "ok", "detail": "checksum matches the manifest"})
+                files = store.verify(n).files
+                detail = "checksum matches" if files is None else f"all {len(files)} files match"
+                results.append({"name": n, "status": "ok", "detail": f"{detail} the manifest"})
             else:
                 # A file the manifest does not list: the best we can do is prove that it loads.
                 store.load(n, verify=False)

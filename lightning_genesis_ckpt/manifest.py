@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -19,7 +20,14 @@ MANIFEST_NAME = "genesis_manifest.json"
 #: The writer's lock file (see :mod:`lightning_genesis_ckpt.lock`); never a checkpoint.
 LOCK_NAME = "genesis.lock"
 FORMAT = "lightning-genesis-ckpt/manifest"
-FORMAT_VERSION = 1
+#: Version 2 added directory records (``files``). A manifest is written as version 2 only while it lists a
+#: directory: a version-1 reader ignores keys it does not know, so it would take a directory record for a
+#: file and fail in confusing ways (``IsADirectoryError`` on open, a delete that leaves the files), or on an
+#: object store find "no such file" and skip the checkpoint. Seeing version 2 it refuses the whole directory
+#: and asks for an upgrade instead (and never rebuilds over it). Stores of plain files stay version 1, so
+#: older readers keep reading them.
+FORMAT_VERSION = 2
+_PLAIN_FORMAT_VERSION = 1
 
 BEST_NAME = "best_model.pth"
 INTERRUPT_NAME = "interrupt_checkpoint.pth"
@@ -31,6 +39,31 @@ VERSION_SUFFIX = ".pth"
 _VERSION_RE = re.compile(rf"^{VERSION_PREFIX}(.+){re.escape(VERSION_SUFFIX)}$")
 
 ROLES = ("epoch", "best", "interrupt", "manual", "version")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file inside a directory checkpoint: its byte count and ``"crc32:<8 hex digits>"``."""
+
+    size: int
+    checksum: str
+
+
+def is_relative_file_path(path: object) -> bool:
+    """Whether ``path`` is a ``/``-separated relative path that stays inside its directory."""
+    if not isinstance(path, str) or not path or "\\" in path or "\x00" in path:
+        return False
+    return all(part not in ("", ".", "..") for part in path.split("/"))
+
+
+def tree_digest(files: Mapping[str, FileEntry]) -> tuple[int, str]:
+    """Total size and a crc32 over the sorted listing: the ``size``/``checksum`` of a directory record.
+
+    Two directories with the same digest hold the same files with the same checksums; it is what the CLI
+    shows and what settling an interrupted replacement compares.
+    """
+    listing = "\n".join(f"{p}\t{e.size}\t{e.checksum}" for p, e in sorted(files.items()))
+    return sum(e.size for e in files.values()), f"crc32:{zlib.crc32(listing.encode()) & 0xFFFFFFFF:08x}"
 
 
 def epoch_name(epoch: int) -> str:
@@ -84,6 +117,9 @@ class CheckpointRecord:
         seq: commit order inside this store; larger is newer. Never reused.
         versions: library, Lightning and torch versions that wrote the file.
         monitor: the metric name that ``best`` is judged by, if any.
+        files: for a directory checkpoint (sharded strategies: FSDP, DeepSpeed), every file in it by
+            relative path; ``size`` and ``checksum`` are then the :func:`tree_digest` of this listing.
+            None for a single-file checkpoint.
     """
 
     name: str
@@ -97,6 +133,12 @@ class CheckpointRecord:
     metrics: Mapping[str, float] = field(default_factory=dict)
     versions: Mapping[str, str] = field(default_factory=dict)
     monitor: str | None = None
+    files: Mapping[str, FileEntry] | None = None
+
+    @property
+    def is_directory(self) -> bool:
+        """Whether this checkpoint is a directory of files rather than one file."""
+        return self.files is not None
 
     def metric(self) -> float | None:
         """The value of the monitored metric, if this record has one."""
@@ -113,6 +155,10 @@ class CheckpointRecord:
         d = asdict(self)
         d["metrics"] = dict(self.metrics)
         d["versions"] = dict(self.versions)
+        if self.files is None:
+            del d["files"]  # single-file records look exactly as version 1 wrote them
+        else:
+            d["files"] = {p: {"size": e.size, "checksum": e.checksum} for p, e in sorted(self.files.items())}
         return d
 
     @classmethod
@@ -130,6 +176,7 @@ class CheckpointRecord:
             metrics={str(k): float(v) for k, v in dict(d.get("metrics") or {}).items()},
             versions={str(k): str(v) for k, v in dict(d.get("versions") or {}).items()},
             monitor=None if d.get("monitor") is None else str(d["monitor"]),
+            files=None if d.get("files") is None else _files(d["files"]),
         )
 
 
@@ -186,9 +233,10 @@ class Manifest:
 
     def encode(self) -> bytes:
         """The manifest as UTF-8 JSON."""
+        directories = any(r.is_directory for r in self.records.values())
         doc = {
             "format": FORMAT,
-            "version": FORMAT_VERSION,
+            "version": FORMAT_VERSION if directories else _PLAIN_FORMAT_VERSION,
             "next_seq": self.next_seq,
             "checkpoints": [r.to_json() for r in self.sorted()],
         }
@@ -229,6 +277,8 @@ class Manifest:
             replacing, deleting = (_names(doc.get(key)) for key in ("replacing", "deleting"))
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(path, f"malformed record ({e!r})") from e
+        if version < 2 and any(r.is_directory for r in records):
+            raise ManifestError(path, f"directory records need format version 2, the manifest says {version}")
         names = [r.name for r in records]
         # A hostile or damaged manifest must not make the store read, replace or delete anything outside
         # its directory or its own bookkeeping files.
@@ -247,3 +297,20 @@ def _names(value: Any) -> frozenset[str]:
     if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
         raise TypeError(f"expected a list of file names, got {value!r}")
     return frozenset(value)
+
+
+def _files(value: Any) -> dict[str, FileEntry]:
+    """Parse a directory record's ``files``; strict about types, and every path must stay inside."""
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a mapping of relative paths to files, got {value!r}")
+    out = {}
+    for rel, entry in value.items():
+        if not is_relative_file_path(rel):
+            raise ValueError(f"invalid path {rel!r} in a directory record: it must stay inside the directory")
+        if not isinstance(entry, dict) or set(entry) != {"size", "checksum"}:
+            raise TypeError(f"file {rel!r}: expected {{'size': int, 'checksum': str}}, got {entry!r}")
+        size, checksum = entry["size"], entry["checksum"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or not isinstance(checksum, str):
+            raise TypeError(f"file {rel!r}: expected a size >= 0 and a checksum string, got {entry!r}")
+        out[rel] = FileEntry(size, checksum)
+    return out

@@ -6,6 +6,7 @@ directory another run is writing. :class:`~lightning_genesis_ckpt.store.Checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ from typing import IO, Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-from . import recovery, serialization
+from . import directory, recovery, serialization
 from .atomicity import is_posix_local, is_temp_name
 from .errors import ManifestError
 from .manifest import LOCK_NAME, MANIFEST_NAME, CheckpointRecord, Manifest
@@ -168,6 +169,9 @@ class StoreReader:
         record = self.manifest().get(name)
         if record is None:
             raise FileNotFoundError(f"{self.url_for(name)} is not a committed checkpoint of this store")
+        if record.is_directory:
+            directory.verify(self, record)  # every file, and no file it does not list
+            return record
         if not self.local:
             self._fetch_verified(record, None)
             return record
@@ -208,6 +212,11 @@ class StoreReader:
         """
         start = time.perf_counter()
         record = self.manifest().get(name) if verify else None
+        if record is not None and record.is_directory:
+            raise IsADirectoryError(
+                f"{self.url_for(name)} is a directory checkpoint (written by a sharded strategy): get a verified "
+                "local path with local_copy() and load it with the strategy that wrote it"
+            )
         if record is not None and not self.local:
             with serialization.spool(record.size) as buffer:
                 self._fetch_verified(record, buffer)
@@ -229,6 +238,15 @@ class StoreReader:
             size = record.size if record is not None else None
             log.log(level, "loaded %s (%s)", self.url_for(name), transfer_summary(size, elapsed))
         return obj
+
+    def local_copy(self, name: str) -> contextlib.AbstractContextManager[str]:
+        """Context manager giving a verified local path of the directory checkpoint ``name``.
+
+        On a local disk that is the committed directory itself; on an object store a temporary download,
+        removed when the block ends (one full download, and that much local disk). See
+        :func:`.directory.local_copy`.
+        """
+        return directory.local_copy(self, name)
 
     def _load_raw(
         self,

@@ -15,6 +15,7 @@ import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from . import directory
 from .errors import CheckpointCorruptError, UnsafeCheckpointError
 from .manifest import CheckpointRecord, Manifest, role_of_name
 
@@ -91,6 +92,14 @@ def settle_replacements(store: StoreReader, manifest: Manifest) -> Manifest:
         old = manifest.get(name)
         if old is None:
             continue
+        if old.is_directory:
+            if not directory.matches(store, old):
+                log.warning(
+                    "%s changed during an interrupted commit and cannot be recovered: a directory carries "
+                    "no record of its own; resume will skip it",
+                    store.url_for(name),
+                )
+            continue
         try:
             size, checksum = store._checksum(name)
         except FileNotFoundError:
@@ -121,7 +130,8 @@ def finish_deletions(store: CheckpointStore) -> list[str]:
     if not manifest.deleting:
         return []
     leftover = sorted(n for n in manifest.deleting - set(manifest.records) if store.fs.exists(store.path(n)))
-    removed = store._remove_files(leftover)
+    trees = [n for n in leftover if store.fs.isdir(store.path(n))]  # directory checkpoints
+    removed = store._remove_files(leftover, trees)
     if removed:
         log.warning("removed %s, left behind by an interrupted deletion", ", ".join(removed))
     failed = set(leftover) - set(removed)

@@ -50,7 +50,11 @@ def candidates(
 
 @dataclass
 class Resolution:
-    """The outcome of a resume search: the chosen record (None: start fresh) and what was skipped why."""
+    """The outcome of a resume search: the chosen record (None: start fresh) and what was skipped why.
+
+    ``checkpoint`` is the loaded state, or None when it was not loaded (``load=False``, or a directory
+    checkpoint, which only its strategy can load).
+    """
 
     record: CheckpointRecord | None
     checkpoint: Any = None
@@ -87,7 +91,11 @@ def resolve(
     resolution = Resolution(record=None)
     for record in candidates(store.records(), roles=roles, key=key):
         try:
-            if load:
+            if record.is_directory:
+                # Only the strategy that wrote a directory can load it: verify every file, the caller loads
+                # from ``store.local_copy(record.name)`` (``checkpoint`` stays None).
+                store.verify(record.name)
+            elif load:
                 checkpoint = store.load(
                     record.name, trusted=trusted, map_location=map_location, serializer=serializer
                 )

@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
-from . import atomicity, recovery, serialization
+from . import atomicity, directory, recovery, serialization
 from ._faults import fault_point
 from .atomicity import CommitStrategy, is_temp_name, strategy_for, temp_name
+from .directory import PendingDirectory
 from .errors import CheckpointSaveError
 from .lock import DEFAULT_LEASE_S, StoreLock
 from .manifest import LOCK_NAME, MANIFEST_NAME, CheckpointRecord, Manifest, role_of_name
@@ -93,7 +94,7 @@ class CheckpointStore(StoreReader):
             if atomicity.intent_target(name) in orphans and atomicity.intent_target(name) not in swept:
                 continue  # its orphan could not be removed: keep the proof for the next sweep
             try:
-                self.fs.rm_file(self.path(name))
+                self._remove_path(name)
                 swept.append(name)
             except OSError as e:
                 log.warning("could not remove stale temporary file %s: %s", self.url_for(name), e)
@@ -228,6 +229,34 @@ class CheckpointStore(StoreReader):
             log.info("saved %s (%s)", self.url_for(name), transfer_summary(size, elapsed))
         return record
 
+    def begin_directory(self, name: str) -> PendingDirectory:
+        """Start a directory checkpoint: fill its ``.path``, then ``.commit(...)`` (see :mod:`.directory`).
+
+        For strategies whose ranks all write into one directory: rank 0 begins, every rank writes into the
+        same ``.path``, rank 0 commits. On object stores ``.path`` is local staging: one machine's ranks only.
+        """
+        with self._lock:
+            self._check_lock()
+        return PendingDirectory(self, name)
+
+    def save_directory(self, name: str, write: Callable[[str], None], **fields: Any) -> CheckpointRecord:
+        """Commit a directory checkpoint: ``write(local_dir)`` fills an empty local directory, committed
+        atomically under ``name`` with size and crc32 of every file in its record.
+
+        ``fields``: ``role``, ``epoch``, ``global_step``, ``metrics``, ``monitor``, as for :meth:`save`.
+
+        Raises:
+            CheckpointSaveError, StoreLockedError: as :meth:`save`.
+            FileExistsError: something the manifest does not list already has this name.
+            ValueError: ``write`` wrote no file, or a symlink or special file.
+        """
+        pending = self.begin_directory(name)
+        try:
+            write(pending.path)
+            return pending.commit(**fields)
+        finally:
+            pending.abort()
+
     def copy(self, src: str, dst: str, *, role: str | None = None) -> CheckpointRecord:
         """Commit ``dst`` as a byte-identical copy of the committed ``src`` (a hard link on local disks).
 
@@ -241,6 +270,8 @@ class CheckpointStore(StoreReader):
             record = manifest.get(src)
             if record is None:
                 raise FileNotFoundError(f"{self.url_for(src)} is not a committed checkpoint of this store")
+            if record.is_directory:
+                return directory.copy(self, record, dst, role)
             replacing = dst in manifest.records
             try:
                 if replacing:
@@ -318,9 +349,10 @@ class CheckpointStore(StoreReader):
             names = [n for n in dict.fromkeys(names) if n in manifest.records]
             if not names:
                 return []
+            trees = {n for n in names if manifest.records[n].is_directory}
             self._write_manifest(manifest.without(names))
         fault_point("mid-deletion")
-        removed = self._remove_files(names)
+        removed = self._remove_files(names, trees)
         with self._lock:
             # Bookkeeping only, written with the next commit: until then a crash merely repeats the removal.
             self._manifest = self.manifest().deleted(removed)
@@ -334,8 +366,38 @@ class CheckpointStore(StoreReader):
             self._check_lock()
             return recovery.finish_deletions(self)
 
-    def _remove_files(self, names: list[str]) -> list[str]:
-        """Remove files (already missing counts as removed); returns the names that are gone."""
+    def _remove_files(self, names: list[str], trees: Collection[str] = ()) -> list[str]:
+        """Remove files, and the directories named in ``trees`` (already missing counts as removed);
+        returns the names that are gone."""
+        gone = []
+        for name in [n for n in names if n in trees]:
+            try:
+                self._remove_tree(name)
+                gone.append(name)
+            except OSError as e:
+                log.warning("could not remove old checkpoint %s: %s", self.url_for(name), e)
+        names = [n for n in names if n not in trees]
+        if not names:
+            return gone
+        return gone + self._remove_plain_files(names)
+
+    def _remove_tree(self, name: str) -> None:
+        """Remove the directory ``name`` and everything in it; a missing one counts as removed."""
+        try:
+            self.fs.rm(self.path(name), recursive=True)
+        except FileNotFoundError:
+            pass
+        finally:
+            self.fs.invalidate_cache(self.path(name))
+
+    def _remove_path(self, name: str) -> None:
+        """Remove ``name`` whether it is a file or a directory (asks the filesystem which: one request)."""
+        if self.fs.isdir(self.path(name)):
+            self._remove_tree(name)
+        else:
+            self.fs.rm_file(self.path(name))
+
+    def _remove_plain_files(self, names: list[str]) -> list[str]:
         try:
             self.fs.rm([self.path(n) for n in names])  # one request for all of them on object stores
             return names
@@ -362,7 +424,12 @@ class CheckpointStore(StoreReader):
             self._manifest = None
         else:
             # Uncommitted, and it would only take space on a disk that may be full.
-            self.discard(name, "the uncommitted")
+            try:
+                self._remove_path(name)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("could not remove the uncommitted %s: %s", self.url_for(name), e)
         # Newest as resume sees it: most training, then a rolling/snapshot file over its best_model.pth copy.
         newest = max(committed, key=lambda r: (r.global_step or -1, r.role != "best", r.seq), default=None)
         intact = (

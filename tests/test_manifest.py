@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lightning_genesis_ckpt import CheckpointRecord, Manifest, ManifestError
-from lightning_genesis_ckpt.manifest import epoch_name, epoch_of_name, role_of_name
+from lightning_genesis_ckpt.manifest import FORMAT_VERSION, epoch_name, epoch_of_name, role_of_name
 
 
 def rec(name: str, seq: int, **kw) -> CheckpointRecord:
@@ -64,7 +64,9 @@ def test_bad_manifests_raise_naming_the_file(data: bytes, match: str) -> None:
 
 
 def test_newer_version_is_flagged() -> None:
-    data = json.dumps({"format": "lightning-genesis-ckpt/manifest", "version": 2, "checkpoints": []}).encode()
+    data = json.dumps(
+        {"format": "lightning-genesis-ckpt/manifest", "version": FORMAT_VERSION + 1, "checkpoints": []}
+    ).encode()
     with pytest.raises(ManifestError, match="upgrade") as info:
         Manifest.decode(data, "m.json")
     assert info.value.newer_format
