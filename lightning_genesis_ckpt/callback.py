@@ -25,6 +25,7 @@ from .manifest import BEST_NAME, INTERRUPT_NAME, CheckpointRecord, epoch_name
 from .reader import transfer_summary
 from .resume import Resolution, resolve
 from .retention import EveryNEpochs, KeepBestK, KeepLastN, Mode, is_better, rolling_to_delete
+from .sharded import save_sharded
 from .store import CheckpointStore
 
 if TYPE_CHECKING:
@@ -289,10 +290,11 @@ class GenesisCheckpoint(_CheckpointBase):
         if writes_directory(trainer.strategy):
             # Sharded state: every rank writes its shard through the strategy, synchronously.
             name = epoch_name(epoch) if due else BEST_NAME
-            record = self._save_directory(
-                trainer, checkpoint, name, role="epoch" if due else "best", **fields
+            record = save_sharded(
+                self.store, trainer, checkpoint, name, role="epoch" if due else "best", **fields
             )
             if record is not None:
+                self.last_saved = record
                 if due and improved:
                     self.store.copy(record.name, BEST_NAME, role="best")
                 self._after_commit(record)
@@ -317,42 +319,6 @@ class GenesisCheckpoint(_CheckpointBase):
         self.last_saved = record
         self._after_commit(record)
 
-    def _save_directory(
-        self, trainer: Any, checkpoint: dict[str, Any], name: str, **fields: Any
-    ) -> CheckpointRecord | None:
-        """Commit a checkpoint the strategy writes as a directory; called on every rank, returns the record
-        on rank 0 (None elsewhere).
-
-        Rank 0 opens the pending directory (a temporary sibling of ``name``, or local staging for an object
-        store) and broadcasts its path, even when that failed, so that no rank waits forever; every rank
-        writes its shard into it; after a barrier rank 0 commits. The strategy broadcasts rank 0's path
-        again itself. With an object store all ranks must share rank 0's local disk (one machine).
-        """
-        pending, failure = None, None
-        if trainer.is_global_zero:
-            try:
-                pending = self.store.begin_directory(name)
-            except Exception as e:
-                failure = e
-        path, reason = trainer.strategy.broadcast(
-            (None if pending is None else pending.path, None if failure is None else repr(failure)), src=0
-        )
-        if failure is not None:
-            raise failure
-        if reason is not None:
-            raise RuntimeError(f"rank 0 could not start the checkpoint {self.store.url_for(name)}: {reason}")
-        try:
-            trainer.strategy.save_checkpoint(checkpoint, path)
-            trainer.strategy.barrier("genesis_save_directory")
-            if pending is None:
-                return None
-            record = pending.commit(**fields)
-        finally:
-            if pending is not None:
-                pending.abort()
-        self.last_saved = record
-        return record
-
     def _finish_background_save(self, *, raise_errors: bool) -> None:
         try:
             self._saver.wait()
@@ -373,22 +339,32 @@ class GenesisCheckpoint(_CheckpointBase):
     def _save_snapshot(self, trainer: Any, exception: BaseException) -> None:
         if not (self.save_on_exception and self._training_started):
             return
-        if writes_directory(trainer.strategy):
-            self._save_directory_snapshot(trainer, exception)
+        sharded = writes_directory(trainer.strategy)
+        if sharded and trainer.world_size > 1:
+            # A sharded snapshot needs every rank inside the same collective save; after an exception the
+            # other ranks may be anywhere (or dead), and waiting for them could hang the job.
+            log.warning(
+                "fit interrupted by %s: no snapshot, because a sharded checkpoint needs all %d ranks and they "
+                "cannot be gathered safely after an exception; the newest committed checkpoint is used to resume",
+                type(exception).__name__,
+                trainer.world_size,
+            )
             return
         if not trainer.is_global_zero:
             return
+        fields = {
+            "role": "interrupt",
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "metrics": self._metrics(trainer),
+            "monitor": self.monitor,
+        }
         try:
             checkpoint = dump_checkpoint(trainer)
-            self.last_saved = self.store.save(
-                INTERRUPT_NAME,
-                checkpoint,
-                role="interrupt",
-                epoch=trainer.current_epoch,
-                global_step=trainer.global_step,
-                metrics=self._metrics(trainer),
-                monitor=self.monitor,
-            )
+            if sharded:
+                self.last_saved = save_sharded(self.store, trainer, checkpoint, INTERRUPT_NAME, **fields)
+            else:
+                self.last_saved = self.store.save(INTERRUPT_NAME, checkpoint, **fields)
             log.warning(
                 "fit interrupted by %s: snapshot saved to %s (epoch %d, step %d); run again to resume",
                 type(exception).__name__,
@@ -398,34 +374,6 @@ class GenesisCheckpoint(_CheckpointBase):
             )
         except Exception as e:
             # The original exception is what the user must see; a failed snapshot must not replace it.
-            log.error(
-                "could not save the interrupt snapshot to %s: %s", self.store.url_for(INTERRUPT_NAME), e
-            )
-
-    def _save_directory_snapshot(self, trainer: Any, exception: BaseException) -> None:
-        # A sharded snapshot needs every rank inside the same collective save; after an exception the
-        # other ranks may be anywhere (or dead), and waiting for them could hang the job. One process only.
-        if trainer.world_size > 1:
-            log.warning(
-                "fit interrupted by %s: no snapshot, because a sharded checkpoint needs all %d ranks and they "
-                "cannot be gathered safely after an exception; the newest committed checkpoint is used to resume",
-                type(exception).__name__,
-                trainer.world_size,
-            )
-            return
-        fields = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
-        try:
-            checkpoint = dump_checkpoint(trainer)
-            self._save_directory(
-                trainer,
-                checkpoint,
-                INTERRUPT_NAME,
-                role="interrupt",
-                monitor=self.monitor,
-                metrics=self._metrics(trainer),
-                **fields,
-            )
-        except Exception as e:
             log.error(
                 "could not save the interrupt snapshot to %s: %s", self.store.url_for(INTERRUPT_NAME), e
             )
