@@ -179,6 +179,7 @@ def load(
     *,
     map_location: MapLocation = "cpu",
     trusted: bool = False,
+    mmap: bool = False,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Load what :func:`save` (or ``torch.save``) wrote to ``file_path``.
@@ -192,6 +193,8 @@ def load(
             files on any machine.
         trusted: allow arbitrary pickled objects, including files saved with ``serializer="dill"``. Only
             for files you trust: unpickling can run code.
+        mmap: memory-map the tensors of a local file instead of reading them (``torch.load(mmap=True)``);
+            ignored for remote files.
         storage_options: passed to fsspec.
 
     Raises:
@@ -211,7 +214,12 @@ def load(
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), store.url_for(name))
     # dill's unpickler reads plain pickles too, so a trusted load never needs to know how the file was made.
     return store.load(
-        name, map_location=map_location, trusted=trusted, verify=False, serializer="dill" if trusted else None
+        name,
+        map_location=map_location,
+        trusted=trusted,
+        verify=False,
+        serializer="dill" if trusted else None,
+        mmap=mmap,
     )
 
 

@@ -325,6 +325,18 @@ def test_map_location(store_url: StoreTarget) -> None:
             genesis.load(path, map_location="cuda", storage_options=opts)
 
 
+def test_mmap_load_is_exact_and_survives_a_later_save(store_url: StoreTarget) -> None:
+    opts = store_url.storage_options
+    path = f"{store_url.url}/model.pth"
+    genesis.save(model_state(0), path, storage_options=opts)
+    mapped = genesis.load(path, mmap=True, storage_options=opts)
+    assert_same(mapped, model_state(0))
+    # A later save is a new file renamed over the name: the mapped pages still hold the old, committed state.
+    genesis.save(model_state(1), path, storage_options=opts)
+    assert_same(mapped, model_state(0))
+    assert_same(genesis.load(path, mmap=True, storage_options=opts), model_state(1))
+
+
 @pytest.mark.parametrize(
     ("path", "parent", "name"),
     [
