@@ -27,6 +27,20 @@ def weights_digest(model: Any) -> str:
     return h.hexdigest()
 
 
+def print_result(trainer: Any, ckpt: GenesisCheckpoint, digest: str, **extra: Any) -> None:
+    """The RESULT: line the tests parse: where the run ended and what it resumed from."""
+    resumed = ckpt.resumed_from
+    result = {
+        "digest": digest,
+        "epoch": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "resumed_from": None if resumed is None else resumed.name,
+        "resumed_step": None if resumed is None else resumed.global_step,
+        **extra,
+    }
+    print("RESULT:" + json.dumps(result), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("dirpath")
@@ -56,21 +70,7 @@ def main() -> None:
     trainer.fit(model, train, val)
     ckpt = callbacks[0]
     assert isinstance(ckpt, GenesisCheckpoint)
-    resumed = ckpt.resumed_from
-    print(
-        "RESULT:"
-        + json.dumps(
-            {
-                "digest": weights_digest(model),
-                "epoch": trainer.current_epoch,
-                "global_step": trainer.global_step,
-                "resumed_from": None if resumed is None else resumed.name,
-                "resumed_step": None if resumed is None else resumed.global_step,
-                "interrupted": trainer.interrupted,
-            }
-        ),
-        flush=True,
-    )
+    print_result(trainer, ckpt, weights_digest(model), interrupted=trainer.interrupted)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,13 @@ Each rank prints one line prefixed with RESULT: when fit returns.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from models import flavour, loaders
-from train import weights_digest
+from train import print_result, weights_digest
 
 from lightning_genesis_ckpt import GenesisCheckpoint
 
@@ -47,21 +46,7 @@ def main() -> None:
         deterministic=True,
     )
     trainer.fit(model, train, val)
-    resumed = callbacks[0].resumed_from
-    print(
-        "RESULT:"
-        + json.dumps(
-            {
-                "rank": trainer.global_rank,
-                "digest": weights_digest(model),
-                "epoch": trainer.current_epoch,
-                "global_step": trainer.global_step,
-                "resumed_from": None if resumed is None else resumed.name,
-                "resumed_step": None if resumed is None else resumed.global_step,
-            }
-        ),
-        flush=True,
-    )
+    print_result(trainer, callbacks[0], weights_digest(model), rank=trainer.global_rank)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from models import flavour, loaders
+from train import print_result
 from train import weights_digest as plain_digest
 
 from lightning_genesis_ckpt import GenesisCheckpoint
@@ -83,21 +84,7 @@ def main() -> None:
         deterministic=True,
     )
     trainer.fit(model, train, val)
-    resumed = callback.resumed_from
-    print(
-        "RESULT:"
-        + json.dumps(
-            {
-                "rank": trainer.global_rank,
-                "digest": weights_digest(model),
-                "epoch": trainer.current_epoch,
-                "global_step": trainer.global_step,
-                "resumed_from": None if resumed is None else resumed.name,
-                "resumed_step": None if resumed is None else resumed.global_step,
-            }
-        ),
-        flush=True,
-    )
+    print_result(trainer, callback, weights_digest(model), rank=trainer.global_rank)
 
 
 if __name__ == "__main__":
