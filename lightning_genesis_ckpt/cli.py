@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .deploy import FORMATS, export
-from .errors import GenesisCheckpointError
+from .errors import GenesisCheckpointError, is_storage_client_error
 from .manifest import CheckpointRecord
 from .resume import resolve
 from .retention import KeepBestK, KeepLastN, rolling_to_delete
@@ -387,6 +387,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (OSError, GenesisCheckpointError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not is_storage_client_error(e):
+            raise  # a bug of ours: the traceback is what a report needs
+        # Credentials, endpoint, permissions on an object store: the user's to fix, and the client says how.
+        print(
+            f"{PROG}: error: the storage backend refused the request ({type(e).__name__}: {e}); "
+            "check the URL and the credentials (--storage-option key=VALUE or the backend's environment)",
+            file=sys.stderr,
+        )
         return 2
 
 

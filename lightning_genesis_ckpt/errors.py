@@ -73,3 +73,13 @@ class CheckpointSaveError(GenesisCheckpointError, OSError):
 
 class MonitorNotFoundError(GenesisCheckpointError, ValueError):
     """The ``monitor`` metric was never logged by the time it was needed."""
+
+
+#: Packages whose exceptions mean "the storage service said no" (credentials, endpoint, permissions):
+#: fsspec backends let some of them through unwrapped instead of turning them into an ``OSError``.
+STORAGE_CLIENT_PACKAGES = ("botocore", "aiobotocore", "google", "azure", "gcsfs", "adlfs", "s3fs")
+
+
+def is_storage_client_error(error: BaseException) -> bool:
+    """Whether ``error`` comes from an object-store client library rather than from this library or torch."""
+    return any(cls.__module__.split(".")[0] in STORAGE_CLIENT_PACKAGES for cls in type(error).__mro__)

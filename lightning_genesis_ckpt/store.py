@@ -16,7 +16,7 @@ from . import atomicity, directory, recovery, serialization
 from ._faults import fault_point
 from .atomicity import CommitStrategy, is_temp_name, strategy_for, temp_name
 from .directory import PendingDirectory
-from .errors import CheckpointSaveError
+from .errors import CheckpointSaveError, is_storage_client_error
 from .lock import DEFAULT_LEASE_S, StoreLock
 from .manifest import LOCK_NAME, MANIFEST_NAME, CheckpointRecord, Manifest, role_of_name
 from .reader import StoreReader, human_size, transfer_summary
@@ -75,6 +75,13 @@ class CheckpointStore(StoreReader):
             raise type(e)(
                 f"checkpoint directory {self.url!r} is not writable ({e.strerror or e}); "
                 "choose a directory you can write to or fix its permissions"
+            ) from e
+        except Exception as e:
+            if not is_storage_client_error(e):
+                raise
+            raise PermissionError(
+                f"checkpoint directory {self.url!r} cannot be reached ({type(e).__name__}: {e}); "
+                "check the URL and the credentials or endpoint in storage_options"
             ) from e
 
     def sweep_temp(self) -> list[str]:

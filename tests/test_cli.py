@@ -181,3 +181,39 @@ def test_export_bad_options_are_one_line_exit_2(
 def test_export_of_a_missing_file_names_it(tmp_path: Path) -> None:
     out = cli("export", str(tmp_path / "nope.pth"), str(tmp_path / "m.safetensors"))
     assert out.returncode == 2 and "nope.pth" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_commands_reach_an_object_store_through_storage_options(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    from conftest import make_target
+
+    target = make_target(request, tmp_path, "s3")
+    store = target.store(verbose=False)
+    for epoch in range(2):
+        store.save(
+            epoch_name(epoch),
+            {"w": torch.full((4,), float(epoch))},
+            role="epoch",
+            epoch=epoch,
+            global_step=epoch + 1,
+        )
+    options = [
+        arg
+        for k, v in target.storage_options.items()
+        for arg in ("-o", f"{k}={json.dumps(v) if isinstance(v, dict) else v}")
+    ]
+    listed = cli("ls", target.url, "--verify", "--json", *options)
+    assert listed.returncode == 0, listed.stderr
+    assert [(r["name"], r["status"]) for r in json.loads(listed.stdout)] == [
+        ("checkpoint_epoch_0.pth", "ok"),
+        ("checkpoint_epoch_1.pth", "ok"),
+    ]
+    picked = cli("resume-path", target.url, "--json", *options)
+    assert json.loads(picked.stdout)["path"] == f"{target.url}/checkpoint_epoch_1.pth"
+    exported = cli("export", f"{target.url}/checkpoint_epoch_1.pth", f"{target.url}/w.safetensors", *options)
+    assert exported.returncode == 0, exported.stderr
+    # Without the options the same URL is a clear one-line error, not a traceback.
+    denied = cli("ls", target.url)
+    assert denied.returncode == 2 and "Traceback" not in denied.stderr
+    assert len(denied.stderr.strip().splitlines()) == 1

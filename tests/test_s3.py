@@ -266,3 +266,19 @@ def test_secrets_never_reach_files_or_logs(s3: StoreTarget, caplog: pytest.LogCa
     for name in s3.names():
         data = fs.cat_file(f"{root}/{name}")
         assert SECRET_KEY.encode() not in data and ACCESS_KEY.encode() not in data, name
+
+
+def test_missing_credentials_fail_at_setup_naming_the_directory(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    options = {k: v for k, v in s3_server.storage_options().items() if k not in ("key", "secret")}
+    url = f"s3://{BUCKET}/no-credentials"
+    # The botocore error surfaces as an OSError (what the callback's setup raises) naming the URL and the fix.
+    with pytest.raises(PermissionError, match=r"cannot be reached.*storage_options") as err:
+        CheckpointStore(url, options).ensure_writable()
+    assert url in str(err.value)
