@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -54,6 +55,10 @@ def main() -> None:
     p.add_argument("--flavour", choices=FLAVOURS, default="pytorch_lightning")
     p.add_argument("--storage-options", type=json.loads, default=None, help="JSON passed to fsspec")
     args = p.parse_args()
+    # Ctrl+C at a terminal reaches a process whose SIGINT disposition is Python's default handler. A runner
+    # that starts jobs in the background (nohup, `cmd &` in a script) passes SIGINT down as *ignored*, and
+    # the simulated Ctrl+C would then do nothing: put the terminal's disposition back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     f = flavour(args.flavour)
     f.pl.seed_everything(0)
