@@ -112,7 +112,7 @@ def save_into(
             _restore_after_failed_save(store, name)
         raise
     if had_old:
-        _remove_backup(store, backup)
+        store.discard(backup, "the backup")
     return record
 
 
@@ -121,7 +121,7 @@ def _restore_after_failed_save(store: CheckpointStore, name: str) -> None:
     try:
         # The local rename commit never touches the target before it succeeds; the manifest write can fail
         # after the data has landed, and object stores write under the final name. Compare to be sure.
-        touched = not store.fs.exists(store.path(name)) or _checksum(store, name) != _checksum(store, backup)
+        touched = not store.fs.exists(store.path(name)) or store._checksum(name) != store._checksum(backup)
         if touched:
             store.commit.copy(store.path(backup), store.path(name))
             log.warning(
@@ -136,7 +136,7 @@ def _restore_after_failed_save(store: CheckpointStore, name: str) -> None:
             e,
         )
         return
-    _remove_backup(store, backup)
+    store.discard(backup, "the backup")
 
 
 def recover_from_backup(store: CheckpointStore, name: str) -> bool:
@@ -149,8 +149,8 @@ def recover_from_backup(store: CheckpointStore, name: str) -> bool:
     record = store.manifest().get(name)
     restored = False
     if record is not None and store.fs.exists(store.path(backup)):
-        current = _checksum(store, name) if store.fs.exists(store.path(name)) else None
-        if current != (record.size, record.checksum) and _checksum(store, backup) == (
+        current = store._checksum(name) if store.fs.exists(store.path(name)) else None
+        if current != (record.size, record.checksum) and store._checksum(backup) == (
             record.size,
             record.checksum,
         ):
@@ -162,16 +162,8 @@ def recover_from_backup(store: CheckpointStore, name: str) -> bool:
                 store.url_for(backup),
             )
             restored = True
-    _remove_backup(store, backup)
-    return restored
-
-
-def _checksum(store: CheckpointStore, name: str) -> tuple[int, str]:
-    return store._checksum(name)
-
-
-def _remove_backup(store: CheckpointStore, backup: str) -> None:
     store.discard(backup, "the backup")
+    return restored
 
 
 def load(

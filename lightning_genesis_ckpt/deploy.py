@@ -94,18 +94,25 @@ def export(
     load_state_dict_into(module, weights, strict=strict, strip_prefixes=strip_prefixes)
     module = module.to("cpu").eval()
     args = example_input if isinstance(example_input, tuple) else (example_input,)
-    # torch.export.save seeks back into what it wrote, which an object-store upload cannot: the program is
-    # built in a scratch file (memory up to 512 MiB, a local temp file above) and then streamed up.
-    with torch.no_grad(), tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as scratch:
-        if format == "torch.export":
-            torch.export.save(torch.export.export(module, args), scratch)
+    with torch.no_grad(), store.commit.open_write(store.path(name)) as f:
+        if f.seekable():
+            _save_program(format, module, args, f)
         else:
-            torch.jit.save(torch.jit.trace(module, args), scratch)
-        scratch.seek(0)
-        with store.commit.open_write(store.path(name)) as f:
-            shutil.copyfileobj(scratch, f, 8 * 2**20)
+            # torch.export.save seeks back into what it wrote, which an object-store upload cannot: there the
+            # program is built in a scratch file (memory up to 512 MiB, a local temp file above), then sent.
+            with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as scratch:
+                _save_program(format, module, args, scratch)
+                scratch.seek(0)
+                shutil.copyfileobj(scratch, f, 8 * 2**20)
     log.info("exported %s of %s to %s", format, os.fspath(checkpoint_path), store.url_for(name))
     return store.url_for(name)
+
+
+def _save_program(format: str, module: nn.Module, args: tuple[Any, ...], f: Any) -> None:
+    if format == "torch.export":
+        torch.export.save(torch.export.export(module, args), f)
+    else:
+        torch.jit.save(torch.jit.trace(module, args), f)
 
 
 def _instantiate(

@@ -100,11 +100,8 @@ class CheckpointStore(StoreReader):
         for name in [*orphans, *(n for n in names if is_temp_name(n))]:
             if atomicity.intent_target(name) in orphans and atomicity.intent_target(name) not in swept:
                 continue  # its orphan could not be removed: keep the proof for the next sweep
-            try:
-                self._remove_path(name)
+            if self.discard(name, "stale temporary file", tree=None):
                 swept.append(name)
-            except OSError as e:
-                log.warning("could not remove stale temporary file %s: %s", self.url_for(name), e)
         if swept:
             log.info("swept %d stale temporary file(s) in %s", len(swept), self.url)
         return swept
@@ -135,13 +132,20 @@ class CheckpointStore(StoreReader):
         # A marker left behind is harmless: the sweep removes it, and the file it names is committed.
         self.discard(atomicity.intent_name(name), "intent marker")
 
-    def discard(self, name: str, what: str) -> bool:
+    def discard(self, name: str, what: str, *, tree: bool | None = False) -> bool:
         """Remove ``name`` if it is there; True once it is gone. A failure is a warning naming ``what``.
 
-        For cleanup only (temp files, backups, leftovers): never for a file the manifest lists.
+        ``tree``: True for a directory, None when unknown (one request asks the filesystem which). For
+        cleanup and retention only (temp files, backups, leftovers, un-committed checkpoints), never for a
+        name the manifest lists.
         """
         try:
-            self.fs.rm_file(self.path(name))
+            if tree is None:
+                tree = self.fs.isdir(self.path(name))
+            if tree:
+                self._remove_tree(name)
+            else:
+                self.fs.rm_file(self.path(name))
         except FileNotFoundError:
             pass
         except OSError as e:
@@ -376,13 +380,7 @@ class CheckpointStore(StoreReader):
     def _remove_files(self, names: list[str], trees: Collection[str] = ()) -> list[str]:
         """Remove files, and the directories named in ``trees`` (already missing counts as removed);
         returns the names that are gone."""
-        gone = []
-        for name in [n for n in names if n in trees]:
-            try:
-                self._remove_tree(name)
-                gone.append(name)
-            except OSError as e:
-                log.warning("could not remove old checkpoint %s: %s", self.url_for(name), e)
+        gone = [n for n in names if n in trees and self.discard(n, "old checkpoint", tree=True)]
         names = [n for n in names if n not in trees]
         if not names:
             return gone
@@ -396,13 +394,6 @@ class CheckpointStore(StoreReader):
             pass
         finally:
             self.fs.invalidate_cache(self.path(name))
-
-    def _remove_path(self, name: str) -> None:
-        """Remove ``name`` whether it is a file or a directory (asks the filesystem which: one request)."""
-        if self.fs.isdir(self.path(name)):
-            self._remove_tree(name)
-        else:
-            self.fs.rm_file(self.path(name))
 
     def _remove_plain_files(self, names: list[str]) -> list[str]:
         try:
@@ -431,12 +422,7 @@ class CheckpointStore(StoreReader):
             self._manifest = None
         else:
             # Uncommitted, and it would only take space on a disk that may be full.
-            try:
-                self._remove_path(name)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.warning("could not remove the uncommitted %s: %s", self.url_for(name), e)
+            self.discard(name, "the uncommitted", tree=None)
         # Newest as resume sees it: most training, then a rolling/snapshot file over its best_model.pth copy.
         newest = max(committed, key=lambda r: (r.global_step or -1, r.role != "best", r.seq), default=None)
         intact = (
