@@ -39,6 +39,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
+from ._faults import fault_point
 from .atomicity import RenameCommit, is_posix_local, temp_name
 from .errors import StoreLockedError
 from .manifest import LOCK_NAME
@@ -263,6 +264,7 @@ class StoreLock:
                 f"checkpoints. Stop the other run or give this one another dirpath; {expiry}, or delete the "
                 f"lock file if you are sure that run is dead."
             )
+        fault_point("lock-found-stale")
         log.warning("replacing the stale lock %s: %s", self.display, reason)
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path)
