@@ -22,7 +22,9 @@ from .errors import (
 )
 from .importer import import_checkpoint
 from .manager import CheckpointManager
-from .manifest import CheckpointRecord, Manifest
+from .manifest import Manifest
+from .preservation import AnyOf, BestN, EveryNSeconds, EveryNSteps, KeepFor, LatestN
+from .records import CheckpointRecord
 from .resume import Resolution, resolve
 from .store import CheckpointStore, StoreReader
 from .tools import LoadReport, load_state_dict_into, validate_checkpoint
@@ -45,13 +47,19 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AnyOf",
+    "BestN",
     "CheckpointCorruptError",
     "CheckpointManager",
     "CheckpointRecord",
     "CheckpointSaveError",
     "CheckpointStore",
+    "EveryNSeconds",
+    "EveryNSteps",
     "GenesisCheckpoint",
     "GenesisCheckpointError",
+    "KeepFor",
+    "LatestN",
     "LoadReport",
     "Manifest",
     "ManifestError",

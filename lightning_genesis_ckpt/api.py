@@ -13,35 +13,35 @@ second in-memory copy, and a caller that keeps training after a save needs its s
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
+from . import recovery
 from .errors import CheckpointCorruptError
-from .manifest import CheckpointRecord
+from .names import BACKUP_SUFFIX
+from .records import CheckpointRecord
 from .serialization import MapLocation, Serializer
 from .store import CheckpointStore
 
 log = logging.getLogger(__name__)
 
-#: While a file is overwritten, its previous version is kept under this suffix until the new one commits.
-BACKUP_SUFFIX = ".genesis.bak"
+__all__ = ["BACKUP_SUFFIX", "FileStore", "file_store", "load", "load_checkpoint", "save", "save_checkpoint"]
 
 
 class FileStore(CheckpointStore):
     """The store of a single file's parent directory, which may be any directory of the user's.
 
-    It differs from a checkpoint directory in one way: a missing or unreadable manifest means "no records
-    yet", never "rebuild it by loading every file here" -- that would read (and warn about) the user's
-    code and data files, which are none of ours. Files written by ``save`` therefore carry no embedded
-    metadata either: ``load`` returns exactly the object that was saved.
+    It differs from a checkpoint directory in two ways: a missing or unreadable manifest means "no records
+    yet", never "rebuild it by loading every file here" (that would read, and warn about, the user's code and
+    data files, which are none of ours), and the lock holder never lists or sweeps the directory. Files
+    written by ``save`` therefore carry no embedded metadata either: ``load`` returns exactly the object that
+    was saved.
     """
 
-    @staticmethod
-    def _maybe_checkpoint(name: str) -> bool:
-        return False
+    rebuilds = False
+    sweeps = False
 
 
 def file_store(
@@ -76,6 +76,9 @@ def save(
     content has committed, then the backup is removed. If the save fails, the original is intact: restored
     from the backup if the failure came after anything had touched it.
 
+    Like every writer, it goes through the directory's lock: into a directory that a live run in another
+    process writes, it is refused with :class:`~lightning_genesis_ckpt.StoreLockedError`.
+
     Args:
         obj: what to save: a state dict, or any object torch (or dill) can pickle.
         file_path: local path or fsspec URL (``memory://...``, ``s3://bucket/key.pth``).
@@ -88,6 +91,7 @@ def save(
 
     Raises:
         OSError: the write failed (disk full, permissions, network). The previous file is intact.
+        StoreLockedError: another run holds the directory.
     """
     store, name = file_store(file_path, storage_options)
     return save_into(store, name, obj, serializer)
@@ -96,74 +100,12 @@ def save(
 def save_into(
     store: CheckpointStore, name: str, obj: Any, serializer: Serializer = "torch"
 ) -> CheckpointRecord:
-    """``save`` into a given store: the backup protocol around :meth:`CheckpointStore.save`."""
-    backup = name + BACKUP_SUFFIX
-    path, backup_path = store.path(name), store.path(backup)
-    if store.fs.exists(backup_path):
-        recover_from_backup(store, name)  # a previous save was killed: settle that first
-    had_old = store.fs.exists(path)
-    if had_old:
-        # A hard link on local disks (no bytes copied), a server-side copy on object stores.
-        store.commit.copy(path, backup_path)
-    try:
-        record = store.save(name, obj, serializer=serializer, embed_metadata=False)
-    except BaseException:
-        if had_old:
-            _restore_after_failed_save(store, name)
-        raise
-    if had_old:
-        store.discard(backup, "the backup")
-    return record
-
-
-def _restore_after_failed_save(store: CheckpointStore, name: str) -> None:
-    backup = name + BACKUP_SUFFIX
-    try:
-        # The local rename commit never touches the target before it succeeds; the manifest write can fail
-        # after the data has landed, and object stores write under the final name. Compare to be sure.
-        touched = not store.fs.exists(store.path(name)) or store._checksum(name) != store._checksum(backup)
-        if touched:
-            store.commit.copy(store.path(backup), store.path(name))
-            log.warning(
-                "the save failed after it had replaced %s; restored it from its backup", store.url_for(name)
-            )
-    except Exception as e:
-        # The original error is what the caller must see; the backup stays for the next save or load.
-        log.error(
-            "could not restore %s from its backup %s (%s); the backup is kept",
-            store.url_for(name),
-            store.url_for(backup),
-            e,
+    """``save`` into a given store: a transaction that keeps the previous file as a backup until it commits."""
+    with store.transaction() as tx:
+        recovery.settle_backup(store, tx.manifest, name)  # a previous save was killed: settle that first
+        return tx.write(
+            name, obj, serializer=serializer, embed_metadata=False, backup=True, overwrite_unlisted=True
         )
-        return
-    store.discard(backup, "the backup")
-
-
-def recover_from_backup(store: CheckpointStore, name: str) -> bool:
-    """Settle a save that was killed while ``<name>.genesis.bak`` existed; True if ``name`` was restored.
-
-    The manifest is the commit point: if ``name`` no longer matches its record but the backup does, the
-    new content never committed and the backup is put back. Otherwise the backup is stale and removed.
-    """
-    backup = name + BACKUP_SUFFIX
-    record = store.manifest().get(name)
-    restored = False
-    if record is not None and store.fs.exists(store.path(backup)):
-        current = store._checksum(name) if store.fs.exists(store.path(name)) else None
-        if current != (record.size, record.checksum) and store._checksum(backup) == (
-            record.size,
-            record.checksum,
-        ):
-            store.commit.copy(store.path(backup), store.path(name))
-            log.warning(
-                "%s did not match its manifest record (a save was interrupted); restored the committed "
-                "version from %s",
-                store.url_for(name),
-                store.url_for(backup),
-            )
-            restored = True
-    store.discard(backup, "the backup")
-    return restored
 
 
 def load(
@@ -174,10 +116,11 @@ def load(
     mmap: bool = False,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Load what :func:`save` (or ``torch.save``) wrote to ``file_path``.
+    """Load what :func:`save` (or ``torch.save``) wrote to ``file_path``, in one verified pass.
 
-    The checksum is verified first when the directory's manifest lists the file. Loading is weights-only
-    (tensors, containers, numbers, strings) unless ``trusted=True``.
+    The checksum is verified while the file is read when the directory's manifest lists it. Loading is
+    weights-only (tensors, containers, numbers, strings) unless ``trusted=True``. It never writes: after a save
+    that was killed midway, the committed version is loaded from its backup, which the next save settles.
 
     Args:
         file_path: local path or fsspec URL.
@@ -186,7 +129,7 @@ def load(
         trusted: allow arbitrary pickled objects, including files saved with ``serializer="dill"``. Only
             for files you trust: unpickling can run code.
         mmap: memory-map the tensors of a local file instead of reading them (``torch.load(mmap=True)``);
-            ignored for remote files.
+            ignored for remote files and files in torch's legacy format.
         storage_options: passed to fsspec.
 
     Raises:
@@ -194,25 +137,34 @@ def load(
         CheckpointCorruptError: truncated, damaged or not a checkpoint (a ``pickle.UnpicklingError``).
         UnsafeCheckpointError: the file needs code execution to load and ``trusted`` is False (also a
             ``pickle.UnpicklingError``); its message says how to proceed.
+        OSError: reading failed for another reason than damage (EIO, the network), raised as it is.
     """
     store, name = file_store(file_path, storage_options)
-    if store.manifest().get(name) is not None:
-        try:
-            store.verify(name)
-        except (CheckpointCorruptError, FileNotFoundError):
-            if not (store.fs.exists(store.path(name + BACKUP_SUFFIX)) and recover_from_backup(store, name)):
-                raise
-    elif not store.fs.exists(store.path(name)):
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), store.url_for(name))
+    record = store.manifest().get(name)
     # dill's unpickler reads plain pickles too, so a trusted load never needs to know how the file was made.
-    return store.load(
-        name,
-        map_location=map_location,
-        trusted=trusted,
-        verify=False,
-        serializer="dill" if trusted else None,
-        mmap=mmap,
-    )
+    kwargs: dict[str, Any] = {
+        "map_location": map_location,
+        "trusted": trusted,
+        "serializer": "dill" if trusted else None,
+        "mmap": mmap,
+    }
+    try:
+        return store.load(name, **kwargs)
+    except (CheckpointCorruptError, FileNotFoundError):
+        backup = name + BACKUP_SUFFIX
+        if record is None or not store.exists(backup):
+            raise
+        try:
+            obj = store.load(backup, expect=record, **kwargs)
+        except (CheckpointCorruptError, FileNotFoundError):
+            raise
+        log.warning(
+            "%s did not match its manifest record (a save was interrupted); loaded the committed version "
+            "from %s, which the next save settles",
+            store.url_for(name),
+            store.url_for(backup),
+        )
+        return obj
 
 
 def save_checkpoint(

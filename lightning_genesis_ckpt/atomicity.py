@@ -1,62 +1,67 @@
-"""How a file becomes durable and visible: the two commit strategies, chosen by what the filesystem can do.
+"""How bytes become durable and visible under their name: two publish strategies, chosen by capability.
+
+Publishing puts a file's complete bytes under its final name; *committing* is the manifest listing it (see
+:mod:`.transaction`). A strategy never commits anything.
 
 * :class:`RenameCommit` -- a POSIX filesystem (rename(2) replaces atomically, fsync exists). Data goes to a
   temporary name in the *same directory* as its target (never the system temp dir: a cross-device rename
-  is a copy, and a copy is not atomic), is flushed and fsync'd, renamed over the target, and the directory
-  is fsync'd so the rename itself survives a power cut.
+  is a copy, and a copy is not atomic), is flushed and fsync'd, and renamed over the target. The directory is
+  fsync'd so the rename itself survives a power cut: by the transaction, once for all it published, before
+  the manifest write that commits them.
 * :class:`DeferredCommit` -- object stores and in-memory filesystems have no atomic rename, but an object
-  becomes visible only once its upload is committed, and an aborted upload is discarded (an fsspec
-  transaction). The data is written under its final name and the manifest write is the commit point; a file
-  that is complete but not yet listed is an orphan that readers ignore and the next start sweeps (the
-  store's intent marker proves it ours). On S3 a checkpoint goes up as a
-  multipart upload that only a final CompleteMultipartUpload makes visible (a failed one is aborted, its
-  parts deleted); the manifest, small and known up front, is one PUT.
+  becomes visible only once its upload completes, and an aborted upload is discarded (an fsspec transaction).
+  The data is written under its final name and the manifest write is the commit point; a file that is
+  complete but not yet listed is an orphan that readers ignore and the next holder of the lock sweeps (its
+  intent marker proves it ours). A payload up to :data:`SINGLE_PUT_LIMIT` goes up as one PUT, visible whole
+  or not at all; a larger one as a multipart upload that only a final CompleteMultipartUpload makes visible
+  (a failed one is aborted, its parts deleted).
 
   Limitation: re-using a name (the interrupt snapshot, ``best_model.pth``) replaces the old object before
-  the manifest names the new one. The window is the time between the request that publishes the new
-  object (the PUT / CompleteMultipartUpload / CopyObject, which replace atomically: during the upload
-  itself the old object stays whole) and the manifest PUT that follows it. A crash exactly there leaves
-  the old record over the new bytes: their checksum no longer matches, so resume skips that file with a
-  warning and uses the next candidate; nothing half-written is ever loaded.
+  the manifest names the new one. The transaction first writes the name's intent marker holding the new
+  record, so after a crash the name holds either the old bytes (its record is right) or the complete new
+  bytes (the marker's record is right): the holder settles it, a reader that finds the old record wrong
+  checks the marker. Nothing half-written is ever loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import uuid
 from collections.abc import Iterator
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from fsspec import AbstractFileSystem
 from fsspec.spec import AbstractBufferedFile
 
 from ._faults import fault_point
+from .names import TMP_PREFIX, intent_name, intent_target, is_temp_name
 
-TMP_PREFIX = ".genesis-tmp-"
+__all__ = [
+    "TMP_PREFIX",
+    "CommitStrategy",
+    "DeferredCommit",
+    "RenameCommit",
+    "fsync_directory",
+    "intent_name",
+    "intent_target",
+    "is_posix_local",
+    "is_s3",
+    "is_temp_name",
+    "server_side_copy",
+    "strategy_for",
+    "temp_name",
+]
+
+#: A deferred write up to this size is buffered in memory and sent as one request (S3: a single PUT instead
+#: of the three requests of a one-part multipart upload); 5 MiB is also S3's smallest multipart part.
+SINGLE_PUT_LIMIT = 5 * 2**20
 
 
 def temp_name(final_name: str) -> str:
     """A unique temporary file name for ``final_name``, recognisable by :func:`is_temp_name`."""
     return f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{final_name}"
-
-
-def is_temp_name(name: str) -> bool:
-    """Whether ``name`` is one of our temporary names (the only files the sweep may remove)."""
-    return name.startswith(TMP_PREFIX)
-
-
-_INTENT_PREFIX = f"{TMP_PREFIX}intent-"
-
-
-def intent_name(final_name: str) -> str:
-    """The marker that announces a write of ``final_name`` until the manifest has committed it."""
-    return f"{_INTENT_PREFIX}{final_name}"
-
-
-def intent_target(name: str) -> str | None:
-    """The file an intent marker announces, or None if ``name`` is not an intent marker."""
-    return name[len(_INTENT_PREFIX) :] if name.startswith(_INTENT_PREFIX) else None
 
 
 def is_posix_local(fs: AbstractFileSystem) -> bool:
@@ -65,26 +70,33 @@ def is_posix_local(fs: AbstractFileSystem) -> bool:
     return "file" in protocols and os.name == "posix"
 
 
-class CommitStrategy(Protocol):
-    """Writes one file so that readers see either the old content or the complete new content."""
-
-    def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        """Context manager yielding a binary file; the data commits when the block exits cleanly."""
-        ...
-
-    def copy(self, src: str, dst: str) -> None:
-        """Commit a byte-identical copy of ``src`` under ``dst`` without re-serializing it."""
-        ...
-
-    def write_bytes(self, path: str, data: bytes, *, fault: str | None = None) -> None:
-        """Commit a small payload that is known up front (the manifest): as few requests as possible.
-
-        ``fault`` names the test-only kill point (see :mod:`._faults`) hit while the payload is in flight.
-        """
-        ...
+def is_s3(fs: AbstractFileSystem) -> bool:
+    """Whether ``fs`` speaks the S3 API (s3fs, or a subclass of it)."""
+    return callable(getattr(fs, "call_s3", None)) and callable(getattr(fs, "split_path", None))
 
 
-def _fsync_dir(directory: str) -> None:
+#: The largest object one S3 CopyObject can copy; larger ones need a multipart copy.
+_S3_SINGLE_COPY = 5 * 2**30
+
+
+def server_side_copy(fs: AbstractFileSystem, src: str, dst: str, size: int | None = None) -> None:
+    """Copy ``src`` to ``dst`` on the store itself (S3: one CopyObject, atomic), never through this machine."""
+    s3: Any = fs
+    if is_s3(fs) and size is not None and size < _S3_SINGLE_COPY:
+        bucket, key, _ = s3.split_path(dst)
+        src_bucket, src_key, _ = s3.split_path(src)
+        try:
+            s3.call_s3(
+                "copy_object", Bucket=bucket, Key=key, CopySource={"Bucket": src_bucket, "Key": src_key}
+            )
+        finally:
+            fs.invalidate_cache(dst)
+        return
+    fs.cp_file(src, dst)
+
+
+def fsync_directory(directory: str) -> None:
+    """fsync a directory, so that the names created, renamed or removed in it are durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -92,14 +104,48 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+class CommitStrategy(Protocol):
+    """Publishes one file so that readers see either the old content or the complete new content."""
+
+    #: Whether a name can be published under a temporary name first and renamed (local disks).
+    renames: bool
+
+    def open_write(self, path: str, *, sync: bool = True) -> contextlib.AbstractContextManager[IO[bytes]]:
+        """Context manager yielding a binary file; the bytes are published when the block exits cleanly.
+
+        ``sync=False`` leaves the directory entry to the caller's :meth:`sync` (one for several files).
+        """
+        ...
+
+    def copy(self, src: str, dst: str, *, sync: bool = True, size: int | None = None) -> None:
+        """Publish a byte-identical copy of ``src`` (of ``size`` bytes, if known) under ``dst`` without
+        re-serializing it."""
+        ...
+
+    def write_small(self, path: str, data: bytes, *, durable: bool = True) -> None:
+        """Publish a small payload known up front (a marker): as few requests or syscalls as possible.
+
+        ``durable``: on a local disk, fsync it and its directory before returning.
+        """
+        ...
+
+    def sync(self, directory: str) -> None:
+        """Make what was published in ``directory`` with ``sync=False`` durable."""
+        ...
+
+
 class RenameCommit:
-    """Temp file in the target's directory + fsync + rename + directory fsync (local POSIX disks)."""
+    """Temp file in the target's directory + fsync + rename (+ directory fsync) on local POSIX disks."""
+
+    renames = True
 
     def __init__(self, buffer_size: int = 8 * 1024 * 1024) -> None:
         self.buffer_size = buffer_size
+        #: The test-only kill point hit once the data is durable, before the rename (see :mod:`._faults`).
+        self.data_fault: str | None = "after-data-before-rename"
 
     @contextlib.contextmanager
-    def open_write(self, path: str) -> Iterator[IO[bytes]]:
+    def open_write(self, path: str, *, sync: bool = True) -> Iterator[IO[bytes]]:
         directory, name = os.path.split(path)
         tmp = os.path.join(directory, temp_name(name))
         f = open(tmp, "xb", buffering=self.buffer_size)  # noqa: SIM115 - closed on every path below
@@ -108,6 +154,8 @@ class RenameCommit:
             f.flush()
             os.fsync(f.fileno())
             f.close()
+            if self.data_fault is not None:
+                fault_point(self.data_fault)
             self._before_rename(tmp, path)
             os.replace(tmp, path)
         except BaseException:
@@ -117,16 +165,17 @@ class RenameCommit:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
             raise
-        _fsync_dir(directory)
+        if sync:
+            fsync_directory(directory)
 
-    def copy(self, src: str, dst: str) -> None:
+    def copy(self, src: str, dst: str, *, sync: bool = True, size: int | None = None) -> None:
         directory, name = os.path.split(dst)
         tmp = os.path.join(directory, temp_name(name))
         try:
             # A hard link shares the already-durable bytes: no data is read or written again.
             os.link(src, tmp)
         except OSError:
-            with open(src, "rb") as fin, self.open_write(dst) as fout:
+            with open(src, "rb") as fin, self.open_write(dst, sync=sync) as fout:
                 while chunk := fin.read(self.buffer_size):
                     fout.write(chunk)
             return
@@ -137,61 +186,122 @@ class RenameCommit:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
             raise
-        _fsync_dir(directory)
+        if sync:
+            fsync_directory(directory)
 
-    def write_bytes(self, path: str, data: bytes, *, fault: str | None = None) -> None:
-        with self.open_write(path) as f:
-            f.write(data[: len(data) // 2])
-            if fault is not None:
-                fault_point(fault)  # half the bytes are in the temp file: the target must stay whole
-            f.write(data[len(data) // 2 :])
+    def write_small(self, path: str, data: bytes, *, durable: bool = True) -> None:
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, temp_name(name))
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+        if durable:
+            fsync_directory(directory)
+
+    def sync(self, directory: str) -> None:
+        fsync_directory(directory)
 
     def _before_rename(self, tmp: str, final: str) -> None:
         """Hook for failure-injection tests: called after the data is durable, before it is renamed."""
 
 
-class DeferredCommit:
-    """Write under the final name inside an fsspec transaction: published on success, discarded on error.
+class _DeferredFile(io.RawIOBase):
+    """Buffers a deferred write in memory until it outgrows :data:`SINGLE_PUT_LIMIT`, then becomes an
+    upload in an fsspec transaction; :meth:`finish` publishes it, :meth:`abandon` discards it."""
 
-    In a transaction fsspec opens files with ``autocommit=False``: s3fs (and gcsfs, adlfs) complete the
-    upload only on ``commit()`` and abort it on ``discard()``; ``memory://`` stores the file only on
-    ``commit()``. Without it, ``memory://`` shows a file from the moment it is opened and a buffered remote
-    file that is closed on an error path (or garbage-collected) publishes whatever it held.
+    def __init__(self, fs: AbstractFileSystem, path: str, limit: int) -> None:
+        super().__init__()
+        self.fs, self.path, self.limit = fs, path, limit
+        self._buffer: io.BytesIO | None = io.BytesIO()
+        self._file: Any = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self._buffer is not None and self._buffer.tell() + len(view) <= self.limit:
+            return self._buffer.write(view)
+        if self._file is None:
+            # In a transaction fsspec opens files with autocommit=False: s3fs (and gcsfs, adlfs) complete
+            # the upload only on commit and abort it on discard; memory:// stores the file only on commit.
+            self.fs.start_transaction()
+            self._file = self.fs.open(self.path, "wb")
+            assert self._buffer is not None
+            self._file.write(self._buffer.getbuffer())
+            self._buffer = None
+        self._file.write(view)
+        return len(view)
+
+    def finish(self) -> None:
+        fault_point("after-data-before-rename")
+        if self._buffer is not None:
+            # One request: visible whole or not at all (S3: a single PUT).
+            self.fs.pipe_file(self.path, self._buffer.getvalue())
+            return
+        self._file.close()
+        self.fs.end_transaction()  # the upload completes: the object appears
+
+    def abandon(self) -> None:
+        if self._file is None:
+            return
+        _abandon(self._file)
+        try:
+            self.fs.transaction.complete(commit=False)  # an upload in progress is aborted
+        finally:
+            self.fs._transaction = None  # what fsspec's own transaction context does on exit
+
+
+class DeferredCommit:
+    """Write under the final name, published on success and discarded on error (see the module doc).
+
     The store gives this strategy a filesystem instance of its own, so no other writer's files are swept
-    into (and committed or discarded with) our transaction.
+    into (and committed or discarded with) our transactions.
     """
 
-    def __init__(self, fs: AbstractFileSystem) -> None:
+    renames = False
+
+    def __init__(self, fs: AbstractFileSystem, single_put_limit: int = SINGLE_PUT_LIMIT) -> None:
         self.fs = fs
+        self.single_put_limit = single_put_limit
 
     @contextlib.contextmanager
-    def open_write(self, path: str) -> Iterator[IO[bytes]]:
-        with self.fs.transaction:
-            f = self.fs.open(path, "wb")
-            try:
-                yield f
-            except BaseException:
-                _abandon(f)
-                raise  # the transaction discards the file: an upload in progress is aborted
-            f.close()
+    def open_write(self, path: str, *, sync: bool = True) -> Iterator[IO[bytes]]:
+        f = _DeferredFile(self.fs, path, self.single_put_limit)
+        try:
+            yield f  # type: ignore[misc]
+        except BaseException:
+            f.abandon()
+            raise
+        try:
+            f.finish()
+        except BaseException:
+            f.abandon()
+            raise
 
-    def copy(self, src: str, dst: str) -> None:
+    def copy(self, src: str, dst: str, *, sync: bool = True, size: int | None = None) -> None:
         # The single-file primitive: a server-side copy on object stores (S3: one CopyObject, which
         # publishes atomically), without the glob and existence checks of ``fs.copy``.
-        with self.fs.transaction:
-            self.fs.cp_file(src, dst)
+        server_side_copy(self.fs, src, dst, size)
 
-    def write_bytes(self, path: str, data: bytes, *, fault: str | None = None) -> None:
-        if fault is not None:
-            fault_point(fault)  # one request: a kill can only come before it or after it
-        # ``pipe_file`` sends a payload known up front as one request where the store has one (S3: a
-        # single PUT, visible whole or not at all), instead of the three a deferred multipart upload
-        # needs; filesystems without such a primitive fall back to a deferred file in the transaction.
-        with self.fs.transaction:
-            self.fs.pipe_file(path, data)
+    def write_small(self, path: str, data: bytes, *, durable: bool = True) -> None:
+        # ``pipe_file`` sends a payload known up front as one request where the store has one (S3: a single
+        # PUT, durable once acknowledged).
+        self.fs.pipe_file(path, data)
+
+    def sync(self, directory: str) -> None:
+        """Nothing to do: an object is durable once its upload is acknowledged."""
 
 
-def _abandon(f: IO[bytes]) -> None:
+def _abandon(f: Any) -> None:
     """Make sure an abandoned deferred file can never publish anything after the transaction discards it.
 
     fsspec's buffered files (s3fs, gcsfs, adlfs) finalize their upload in ``close()``, which their

@@ -18,10 +18,20 @@ import torch
 
 from .deploy import FORMATS, export
 from .errors import GenesisCheckpointError, is_storage_client_error
-from .manifest import CheckpointRecord
+from .names import MANIFEST_NAME
+from .preservation import (
+    AnyOf,
+    BestN,
+    EveryNSteps,
+    KeepFor,
+    LatestN,
+    PreservationPolicy,
+    RetentionContext,
+    select_deletions,
+)
+from .records import CheckpointRecord
 from .resume import resolve
-from .retention import KeepBestK, KeepLastN, rolling_to_delete
-from .store import CheckpointStore, human_size
+from .store import CheckpointStore, StoreReader, human_size
 
 PROG = "genesis-ckpt"
 
@@ -46,12 +56,13 @@ def _storage_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
-def _open_store(url: str, options: dict[str, Any], *, must_exist: bool = True) -> CheckpointStore:
+def _open_store(url: str, options: dict[str, Any], *, must_exist: bool = True) -> StoreReader:
+    """A read-only view of the directory: the read commands never remove or rewrite anything."""
     try:
-        store = CheckpointStore(url, options, verbose=False)
+        store = StoreReader(url, options, verbose=False)
     except (ValueError, ImportError) as e:
         raise UserError(f"cannot open {url!r}: {e}") from e
-    if must_exist and not store.fs.isdir(store.root):
+    if must_exist and not store.is_directory():
         raise UserError(f"{url!r} is not a directory")
     return store
 
@@ -63,20 +74,21 @@ def _split_file(url: str) -> tuple[str, str]:
     return (head or "/"), name
 
 
-def _target(url: str, options: dict[str, Any]) -> tuple[CheckpointStore, str | None]:
+def _target(url: str, options: dict[str, Any]) -> tuple[StoreReader, str | None]:
     """A directory gives (store, None); a file gives (its directory's store, its name)."""
     store = _open_store(url, options, must_exist=False)
-    if store.fs.isdir(store.root):
+    if store.is_directory():
         parent = _open_store(_split_file(url)[0], options, must_exist=False)
-        if not store.fs.exists(store.manifest_path) and parent.fs.exists(parent.manifest_path):
+        if not store.exists(MANIFEST_NAME) and parent.exists(MANIFEST_NAME):
             name = _split_file(url)[1]
             if name in parent.manifest().records:  # a directory checkpoint, not a checkpoint directory
                 return parent, name
         return store, None
-    if not store.fs.exists(store.root):
-        raise UserError(f"{url!r} does not exist")
     directory, name = _split_file(url)
-    return _open_store(directory, options), name
+    parent = _open_store(directory, options, must_exist=False)
+    if not parent.exists(name):
+        raise UserError(f"{url!r} does not exist")
+    return parent, name
 
 
 def _age(created: float) -> str:
@@ -92,14 +104,14 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
-def _status(store: CheckpointStore, record: CheckpointRecord, checksums: bool) -> str:
+def _status(store: StoreReader, record: CheckpointRecord, checksums: bool) -> str:
     try:
         if checksums:
             store.verify(record.name)
         elif record.is_directory:  # sizes are per file: only --verify reads the tree
-            if not store.fs.isdir(store.path(record.name)):
+            if not store.exists(record.name):
                 return "missing"
-        elif store.fs.size(store.path(record.name)) != record.size:
+        elif store.size(record.name) != record.size:
             return "corrupt"
     except FileNotFoundError:
         return "missing"
@@ -109,7 +121,7 @@ def _status(store: CheckpointStore, record: CheckpointRecord, checksums: bool) -
 
 
 def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
-    print(json.dumps(payload, indent=1, sort_keys=True) if args.json else text)
+    print(json.dumps(payload, indent=1, sort_keys=True, allow_nan=False) if args.json else text)
 
 
 # ----------------------------------------------------------------------------------------- commands
@@ -240,18 +252,49 @@ def cmd_resume_path(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
-    store = _open_store(args.dir, args.options)
-    records = store.records()
-    monitors = {r.monitor for r in records if r.role == "epoch" and r.monitor}
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(text: str) -> float:
+    """``90``, ``30m``, ``12h``, ``7d``, ``2w`` as seconds."""
+    unit = text[-1:].lower()
+    number = text[:-1] if unit in _DURATION_UNITS else text
+    try:
+        seconds = float(number) * _DURATION_UNITS.get(unit, 1)
+    except ValueError:
+        raise UserError(f"--keep-for expects a duration like 90, 30m, 12h or 7d, got {text!r}") from None
+    if seconds <= 0:
+        raise UserError(f"--keep-for must be positive, got {text!r}")
+    return seconds
+
+
+def _prune_policy(args: argparse.Namespace, records: list[CheckpointRecord]) -> PreservationPolicy:
+    monitors = {r.monitor for r in records if r.role in ("epoch", "step") and r.monitor}
     monitor = args.monitor or (monitors.pop() if len(monitors) == 1 else None)
-    if args.keep_best and monitor is None:
-        raise UserError("--keep-best needs a metric: the records name none (or several); pass --monitor")
-    doomed = rolling_to_delete(
-        records, (KeepLastN(args.keep_last), KeepBestK(args.keep_best, monitor, args.mode))
-    )
-    if not args.dry_run:
-        store.delete(doomed)
+    policies: list[PreservationPolicy] = [LatestN(args.keep_last)]
+    if args.keep_best:
+        if monitor is None:
+            raise UserError("--keep-best needs a metric: the records name none (or several); pass --monitor")
+        policies.append(BestN(args.keep_best, monitor, args.mode))
+    if args.keep_every_steps:
+        policies.append(EveryNSteps(args.keep_every_steps))
+    if args.keep_for:
+        policies.append(KeepFor(_duration(args.keep_for)))
+    return AnyOf(*policies)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    # The same decision as the callback's and CheckpointManager's (select_deletions), under the same lock.
+    if args.dry_run:
+        reader = _open_store(args.dir, args.options)
+        records = reader.records()
+        doomed = select_deletions(records, _prune_policy(args, records), RetentionContext(now=time.time()))
+    else:
+        _open_store(args.dir, args.options)  # a missing directory is a user error, not a new store
+        with CheckpointStore(args.dir, args.options, verbose=False).transaction() as tx:
+            records = tx.manifest.sorted()
+            policy = _prune_policy(args, records)
+            doomed = tx.delete(select_deletions(records, policy, RetentionContext(now=time.time())))
     verb = "would remove" if args.dry_run else "removed"
     _emit(
         args,
@@ -304,7 +347,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         # What the file holds or what the model expects does not fit: the message names it.
         raise UserError(f"cannot export {args.file}: {e}") from e
     store, name = _target(out, args.options)
-    size = store.fs.size(store.path(name)) if name is not None else 0
+    size = store.size(name) if name is not None else 0
     _emit(
         args,
         {"source": args.file, "out": out, "format": args.format, "size": size},
@@ -351,12 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=cmd_resume_path)
 
-    p = sub.add_parser("prune", parents=[common], help="delete rolling checkpoints beyond a retention policy")
+    p = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="delete scheduled checkpoints beyond a retention policy (and a superseded interrupt snapshot)",
+    )
     p.add_argument("dir")
-    p.add_argument("--keep-last", type=int, required=True)
-    p.add_argument("--keep-best", type=int, default=0)
+    p.add_argument("--keep-last", type=int, required=True, help="keep the N with the most training")
+    p.add_argument("--keep-best", type=int, default=0, help="also keep the N best by --monitor")
     p.add_argument("--monitor", help="metric for --keep-best (default: the one the records name)")
     p.add_argument("--mode", choices=["min", "max"], default="min")
+    p.add_argument(
+        "--keep-every-steps", type=int, default=0, help="also keep every checkpoint at a multiple of N steps"
+    )
+    p.add_argument("--keep-for", help="also keep everything saved within this long (90, 30m, 12h, 7d)")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_prune)
 
@@ -377,8 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # The commands print their own result; the library's info lines would say it twice. Warnings stay.
     logging.getLogger("lightning_genesis_ckpt").setLevel(logging.WARNING)
-    if getattr(args, "keep_last", 1) < 1 or getattr(args, "keep_best", 0) < 0:
-        parser.error("--keep-last must be at least 1 and --keep-best at least 0")
+    if (
+        getattr(args, "keep_last", 1) < 1
+        or getattr(args, "keep_best", 0) < 0
+        or getattr(args, "keep_every_steps", 0) < 0
+    ):
+        parser.error("--keep-last must be at least 1, --keep-best and --keep-every-steps at least 0")
     try:
         args.options = _storage_options(args.storage_option)
         return int(args.func(args))

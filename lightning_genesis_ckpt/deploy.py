@@ -78,11 +78,10 @@ def export(
     checkpoint = load(checkpoint_path, map_location="cpu", trusted=trusted, storage_options=storage_options)
     weights = extract_model_state_dict(checkpoint)
     store, name = file_store(out_path, storage_options)
-    store.fs.makedirs(store.root, exist_ok=True)
     if format == "safetensors":
         data = _safetensors_bytes(weights, strip_prefixes, source=os.fspath(checkpoint_path))
-        with store.commit.open_write(store.path(name)) as f:
-            f.write(data)
+        with store.transaction() as tx:  # committed like any checkpoint: atomically, checksummed, recorded
+            tx.write_stream(name, lambda f: f.write(data), overwrite_unlisted=True, versions={})
         log.info(
             "exported %d weight tensors of %s to %s",
             len(weights),
@@ -94,16 +93,18 @@ def export(
     load_state_dict_into(module, weights, strict=strict, strip_prefixes=strip_prefixes)
     module = module.to("cpu").eval()
     args = example_input if isinstance(example_input, tuple) else (example_input,)
-    with torch.no_grad(), store.commit.open_write(store.path(name)) as f:
-        if f.seekable():
-            _save_program(format, module, args, f)
-        else:
-            # torch.export.save seeks back into what it wrote, which an object-store upload cannot: there the
-            # program is built in a scratch file (memory up to 512 MiB, a local temp file above), then sent.
-            with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as scratch:
-                _save_program(format, module, args, scratch)
-                scratch.seek(0)
-                shutil.copyfileobj(scratch, f, 8 * 2**20)
+    # torch.export.save seeks back into what it wrote: the program is built in a scratch file (memory up to
+    # 512 MiB, a local temp file above), then committed.
+    with torch.no_grad(), tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as scratch:
+        _save_program(format, module, args, scratch)
+        scratch.seek(0)
+        with store.transaction() as tx:
+            tx.write_stream(
+                name,
+                lambda f: shutil.copyfileobj(scratch, f, 8 * 2**20),
+                overwrite_unlisted=True,
+                versions={},
+            )
     log.info("exported %s of %s to %s", format, os.fspath(checkpoint_path), store.url_for(name))
     return store.url_for(name)
 

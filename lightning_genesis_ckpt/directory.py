@@ -1,25 +1,22 @@
 """Directory checkpoints: strategies that save one directory per checkpoint (FSDP sharded, DeepSpeed...).
 
-A directory is committed like a file, by the manifest, and its record lists every file in it with size and
-crc32 (:attr:`~.manifest.CheckpointRecord.files`). How it becomes visible depends on the filesystem:
+A directory is committed like a file, by the manifest (see :mod:`.transaction`), and its record lists every
+file in it with size and crc32 (:attr:`~.records.CheckpointRecord.files`). The directory also carries that
+record itself, as ``.genesis_record.json``, so a lost manifest is rebuilt with it. How it becomes visible
+depends on the filesystem:
 
-* **Local POSIX disk** -- the strategy writes into a temporary sibling directory (our temp name, so the sweep
-  at the next start removes what a killed writer left). Every file and sub-directory is fsync'd, the
-  directory is renamed to its final name and the parent is fsync'd. Replacing a committed name swaps the two
-  directories in one ``renameat2(RENAME_EXCHANGE)`` where Linux offers it: readers see the old tree or the
-  new one, never a mix. Elsewhere the old tree is first renamed aside, so a crash between the two renames
-  leaves the name missing (resume skips it with a warning), still never a mix.
+* **Local POSIX disk** -- the strategy writes into a temporary sibling directory (our temp name, so a killed
+  writer's leftovers are swept). Every file and sub-directory is fsync'd, then the directory is renamed to
+  its final name. Replacing a committed name swaps the two directories in one
+  ``renameat2(RENAME_EXCHANGE)`` where Linux offers it: readers see the old tree or the new one, never a mix,
+  and a transaction that fails before its commit swaps them back. Elsewhere the old tree is first renamed
+  aside, so a crash between the two renames leaves the name missing (resume skips it with a warning).
 * **Object stores and memory://** (no rename) -- the strategy writes into a local staging directory that is
-  then uploaded file by file under the final prefix; the manifest write is the commit point. The intent
-  marker of :meth:`.CheckpointStore._publishing` proves the prefix ours, so a crash before the manifest
-  write leaves an orphan that readers ignore and the next sweep removes. Replacing a committed name first
-  un-commits and removes the old tree, so there is a window (the upload) in which that name is not
-  committed at all: a crash there loses it, and resume uses the next candidate. Uploading over the old
-  objects instead would leave a mix of old and new files behind a crash.
-
-After a crash while a name was being replaced, the manifest lists it under ``replacing``; if the tree no
-longer matches the old record it cannot be described (a directory carries no record of its own, unlike a
-single file), so the old record stays, verification fails and resume skips it with a warning.
+  uploaded file by file under the final prefix; the manifest write is the commit point, and the intent marker
+  proves an uncommitted prefix ours. Replacing a committed name removes the old tree first (uploading over it
+  would leave a mix of old and new files behind a crash): until the commit, that name's record fails
+  verification and resume uses the next candidate; after a crash the holder adopts the new tree if it is
+  complete (its marker holds its record).
 """
 
 from __future__ import annotations
@@ -27,27 +24,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import logging
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from . import serialization
-from ._faults import fault_point
-from .atomicity import TMP_PREFIX, _fsync_dir, is_temp_name, temp_name
+from .atomicity import fsync_directory, temp_name
 from .errors import CheckpointCorruptError
-from .manifest import (
-    LOCK_NAME,
-    MANIFEST_NAME,
-    CheckpointRecord,
-    FileEntry,
-    Manifest,
-    role_of_name,
-    tree_digest,
-)
+from .names import DIRECTORY_RECORD, TMP_PREFIX, is_reserved
+from .records import CheckpointRecord, FileEntry, Stamp, tree_digest
 
 if TYPE_CHECKING:
     from .reader import StoreReader
@@ -62,6 +51,8 @@ Files = dict[str, FileEntry]
 def scan_local(directory: str, *, fsync: bool) -> Files:
     """Size and crc32 of every file under a local ``directory`` (``fsync``: also make each durable).
 
+    The directory's own record file is not part of the listing.
+
     Raises:
         ValueError: the tree holds something other than plain files and directories (a symlink could point
             outside the checkpoint, and would not survive an upload), or no file at all.
@@ -74,27 +65,59 @@ def scan_local(directory: str, *, fsync: bool) -> Files:
                 raise ValueError(f"{full} is not a plain file or directory: a checkpoint cannot contain it")
         for entry in names:
             full = os.path.join(current, entry)
+            rel = os.path.relpath(full, directory).replace(os.sep, "/")
+            if rel == DIRECTORY_RECORD:
+                continue
             with open(full, "rb") as f:
                 size, checksum = serialization.checksum_stream(f)
                 if fsync:
                     os.fsync(f.fileno())
-            files[os.path.relpath(full, directory).replace(os.sep, "/")] = FileEntry(size, checksum)
+            files[rel] = FileEntry(size, checksum)
         if fsync:  # bottom-up: a file's directory entry is durable before its parent's is
-            _fsync_dir(current)
+            fsync_directory(current)
     if not files:
         raise ValueError(f"{directory} holds no files: nothing was written to commit")
     return files
 
 
+def is_tree(store: StoreReader, name: str) -> bool:
+    """Whether ``name`` is a directory on the store."""
+    with store.storage_errors("look up", name):
+        return bool(store.fs.isdir(store.path(name)))
+
+
 def _listing(store: StoreReader, name: str) -> list[str]:
     """Relative paths of every file under ``name`` as the store sees them now (one listing on object stores)."""
     root = store.path(name)
-    try:
-        found = store.fs.find(root, withdirs=False)
-    finally:
-        store.fs.invalidate_cache(root)
+    with store.storage_errors("list", name):
+        try:
+            found = store.fs.find(root, withdirs=False)
+        finally:
+            store.fs.invalidate_cache(root)
     prefix = root.rstrip("/") + "/"
     return sorted(p[len(prefix) :] for p in map(str, found) if p.startswith(prefix))
+
+
+def read_record(store: StoreReader, name: str) -> bytes | None:
+    """The record a directory checkpoint carries (``.genesis_record.json``), or None."""
+    with store.storage_errors("read", name):
+        try:
+            return bytes(store.fs.cat_file(f"{store.path(name)}/{DIRECTORY_RECORD}"))
+        except FileNotFoundError:
+            return None
+
+
+def tree_stamp(store: StoreReader, name: str) -> Stamp:
+    """The :func:`~.records.tree_digest` of the directory ``name`` as it is now (reads every file)."""
+    files = {}
+    for rel in _listing(store, name):
+        if rel == DIRECTORY_RECORD:
+            continue
+        with store.storage_errors("read", name), store.fs.open(f"{store.path(name)}/{rel}", "rb") as f:
+            files[rel] = FileEntry(*serialization.checksum_stream(f))
+    if not files:
+        raise FileNotFoundError(store.url_for(name))
+    return Stamp(*tree_digest(files))
 
 
 # ------------------------------------------------------------------------------------------ verifying
@@ -110,7 +133,7 @@ def verify(store: StoreReader, record: CheckpointRecord, sink_dir: str | None = 
     """
     assert record.files is not None
     display = store.url_for(record.name)
-    present = _listing(store, record.name)
+    present = [p for p in _listing(store, record.name) if p != DIRECTORY_RECORD]
     if not present:
         raise FileNotFoundError(f"{display} is listed in the manifest but missing")
     extra = sorted(set(present) - set(record.files))
@@ -121,7 +144,7 @@ def verify(store: StoreReader, record: CheckpointRecord, sink_dir: str | None = 
         shown = f"{display}/{rel}"
         if rel not in present:
             raise FileNotFoundError(f"{shown} is missing from the directory checkpoint {display}")
-        with contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack, store.storage_errors("read", record.name):
             sink = None
             if sink_dir is not None:
                 target = os.path.join(sink_dir, *rel.split("/"))
@@ -158,30 +181,27 @@ def local_copy(store: StoreReader, name: str) -> Iterator[str]:
         return
     staging = tempfile.mkdtemp(prefix="genesis-download-")
     try:
-        start = time.perf_counter()
         verify(store, record, os.path.join(staging, name))
-        log.debug("downloaded %s in %.2fs", store.url_for(name), time.perf_counter() - start)
         yield os.path.join(staging, name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------------------ committing
+# ---------------------------------------------------------------------------------------- committing
 class PendingDirectory:
-    """A directory checkpoint being written: fill :attr:`path`, then :meth:`commit` (or :meth:`abort`).
+    """A directory checkpoint being written: fill :attr:`path`, then commit it in a transaction
+    (``tx.commit_directory(pending, ...)``), or :meth:`abort`.
 
     Made by :meth:`.CheckpointStore.begin_directory`. :attr:`path` is a local directory: on a local store a
     temporary sibling of the final name, elsewhere a staging directory in the system's temp dir.
     """
 
     def __init__(self, store: CheckpointStore, name: str) -> None:
-        if name in (MANIFEST_NAME, LOCK_NAME) or is_temp_name(name):
+        if is_reserved(name):
             raise ValueError(f"{name!r} is reserved for the store's own files; choose another name")
         store.path(name)  # refuses names that could leave the directory
-        self.store = store
         self.name = name
-        self._start = time.perf_counter()
-        store._ensure_dir()
+        store.ensure_directory()
         if store.local:
             self.path = store.path(temp_name(name))
             os.mkdir(self.path)
@@ -189,101 +209,87 @@ class PendingDirectory:
             self.path = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}staging-")
 
     def abort(self) -> None:
-        """Remove what was written; nothing was committed."""
+        """Remove what was written and not committed."""
         shutil.rmtree(self.path, ignore_errors=True)
 
-    def commit(self, **fields: Any) -> CheckpointRecord:
-        """Make the directory durable and commit it under its name (see the module doc for how).
 
-        ``fields`` are the record's ``role``, ``epoch``, ``global_step``, ``metrics`` and ``monitor``.
-
-        Raises:
-            CheckpointSaveError: writing or publishing failed; nothing committed was touched.
-            FileExistsError: something the manifest does not list already has this name.
-        """
-        from .store import human_size, library_versions
-
-        store, name = self.store, self.name
-        try:
-            files = scan_local(self.path, fsync=store.local)
-            fault_point("after-data-before-rename")
-            with store._lock:
-                store._check_lock()
-                manifest = store.manifest()
-                replacing = name in manifest.records
-                if not replacing and store.fs.exists(store.path(name)):
-                    raise FileExistsError(
-                        f"{store.url_for(name)} exists but is not a committed checkpoint: move it away or "
-                        "choose another name (the store never overwrites what it cannot prove its own)"
-                    )
-                size, checksum = tree_digest(files)
-                record = CheckpointRecord(
-                    name=name,
-                    role=fields.get("role") or role_of_name(name),
-                    size=size,
-                    checksum=checksum,
-                    created=time.time(),
-                    seq=0,
-                    epoch=fields.get("epoch"),
-                    global_step=fields.get("global_step"),
-                    metrics={str(k): float(v) for k, v in dict(fields.get("metrics") or {}).items()},
-                    versions=library_versions(),
-                    monitor=fields.get("monitor"),
-                    files=files,
-                )
-                record = _publish(store, record, manifest, replacing, self.path)
-        finally:
-            if os.path.exists(self.path):
-                shutil.rmtree(self.path, ignore_errors=True)
-        if store.verbose:
-            log.info(
-                "saved directory %s (%d files, %s in %.2fs)",
-                store.url_for(name),
-                len(files),
-                human_size(record.size),
-                time.perf_counter() - self._start,
-            )
-        return record
-
-
-def _publish(
-    store: CheckpointStore, record: CheckpointRecord, manifest: Manifest, replacing: bool, source: str
-) -> CheckpointRecord:
-    """Publish the local tree ``source`` as ``record.name`` and commit it (the store's lock is held)."""
-    name = record.name
-    final = store.path(name)
-    old_aside: str | None = None
-    try:
+def seal(store: CheckpointStore, path: str, record: CheckpointRecord) -> CheckpointRecord:
+    """Make the tree at the local ``path`` durable and describe it: ``record`` with its files, size and
+    checksum, also written into the tree as its own record."""
+    files = scan_local(path, fsync=store.local)
+    size, checksum = tree_digest(files)
+    record = record.with_changes(files=files, size=size, checksum=checksum)
+    with open(os.path.join(path, DIRECTORY_RECORD), "w") as f:
+        json.dump(record.to_json(), f, sort_keys=True, allow_nan=False)
         if store.local:
-            if replacing:
-                store._write_manifest(manifest.replacing_file(name))
-            with store._publishing(name):
-                old_aside = _swap_in(source, final) if replacing else None
-                if not replacing:
-                    os.rename(source, final)
-                _fsync_dir(store.root)
-        else:
-            if replacing:
-                # Un-commit first, so the prefix never holds a mix of two trees under a committed name.
-                manifest = manifest.without([name])
-                store._write_manifest(manifest)
-                replacing = False  # from here on a failure leaves an uncommitted prefix, removed again
-                store._remove_tree(name)
-            with store._publishing(name):
-                for rel in sorted(record.files or {}):
-                    store.fs.put_file(os.path.join(source, *rel.split("/")), f"{final}/{rel}")
-        fault_point("after-rename-before-manifest")
-    except OSError as e:
-        raise store._save_failed(name, e, replacing) from e
-    record = record.with_changes(seq=manifest.next_seq)
-    store._commit_record(record, manifest, replacing)
-    store._retract(name)
-    if old_aside is not None:
-        try:
-            shutil.rmtree(old_aside)
-        except OSError as e:  # a temp name: the next sweep removes it
-            log.warning("could not remove the replaced %s: %s", old_aside, e)
+            f.flush()
+            os.fsync(f.fileno())
+    if store.local:
+        fsync_directory(path)
     return record
+
+
+def put_in_place(store: CheckpointStore, path: str, name: str, replaced: bool) -> str | None:
+    """Publish the sealed local tree ``path`` under ``name``; returns where the replaced tree now is (a
+    local temporary name, removed after the commit), if it was kept."""
+    final = store.path(name)
+    if store.local:
+        aside = _swap_in(path, final) if replaced else None
+        if not replaced:
+            os.rename(path, final)
+        return aside
+    if replaced:
+        store.discard_tree(name)
+    for current, _, names in os.walk(path):
+        for entry in names:
+            rel = os.path.relpath(os.path.join(current, entry), path).replace(os.sep, "/")
+            with store.storage_errors("upload", name):
+                store.fs.put_file(os.path.join(current, entry), f"{final}/{rel}")
+    return None
+
+
+def copy_into_place(
+    store: CheckpointStore, source: CheckpointRecord, record: CheckpointRecord, replaced: bool
+) -> str | None:
+    """Publish a copy of the committed directory ``source`` as ``record.name`` (hard links on a local disk,
+    server-side copies on an object store: the tree is not downloaded)."""
+    assert source.files is not None
+    if store.local:
+        staged = store.path(temp_name(record.name))
+        os.mkdir(staged)
+        try:
+            for rel in sorted(source.files):
+                target = os.path.join(staged, *rel.split("/"))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                origin = os.path.join(store.path(source.name), *rel.split("/"))
+                try:
+                    os.link(origin, target)  # shares the durable bytes: nothing is read or written again
+                except OSError:
+                    shutil.copyfile(origin, target)
+            seal(store, staged, record)
+            return put_in_place(store, staged, record.name, replaced)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+    if replaced:
+        store.discard_tree(record.name)
+    with store.storage_errors("copy", record.name):
+        for rel in sorted(source.files):
+            store.fs.cp_file(f"{store.path(source.name)}/{rel}", f"{store.path(record.name)}/{rel}")
+        data = json.dumps(record.to_json(), sort_keys=True, allow_nan=False).encode()
+        store.fs.pipe_file(f"{store.path(record.name)}/{DIRECTORY_RECORD}", data)
+    return None
+
+
+def swap_back(store: CheckpointStore, name: str, aside: str) -> None:
+    """Undo :func:`put_in_place` of a replacement on a local disk: the old tree goes back under ``name``."""
+    final = store.path(name)
+    if os.path.exists(final):
+        _swap_in(aside, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(aside, final)
+    fsync_directory(store.root)
 
 
 _RENAME_EXCHANGE = 2
@@ -307,62 +313,3 @@ def _swap_in(new: str, final: str) -> str:
     os.rename(final, aside)
     os.rename(new, final)
     return aside
-
-
-def copy(store: CheckpointStore, src: CheckpointRecord, dst: str, role: str | None) -> CheckpointRecord:
-    """Commit ``dst`` as a copy of the directory checkpoint ``src`` (hard links on a local disk).
-
-    On object stores each file is copied server-side into a local-free commit: the tree is not downloaded.
-    """
-    record = src.with_changes(name=dst, role=role or role_of_name(dst))
-    if store.local:
-        pending = PendingDirectory(store, dst)
-        try:
-            for rel in sorted(src.files or {}):
-                target = os.path.join(pending.path, *rel.split("/"))
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                source = os.path.join(store.path(src.name), *rel.split("/"))
-                try:
-                    os.link(source, target)  # shares the durable bytes: nothing is read or written again
-                except OSError:
-                    shutil.copyfile(source, target)
-            return pending.commit(**_fields(record))
-        finally:
-            pending.abort()
-    with store._lock:
-        store._check_lock()
-        manifest = store.manifest()
-        if dst in manifest.records:
-            manifest = manifest.without([dst])
-            store._write_manifest(manifest)
-            store._remove_tree(dst)
-        try:
-            with store._publishing(dst):
-                for rel in sorted(src.files or {}):
-                    store.fs.cp_file(f"{store.path(src.name)}/{rel}", f"{store.path(dst)}/{rel}")
-            fault_point("after-rename-before-manifest")
-        except OSError as e:
-            raise store._save_failed(dst, e, False) from e
-        record = record.with_changes(seq=manifest.next_seq, created=time.time())
-        store._commit_record(record, manifest, False)
-        store._retract(dst)
-    return record
-
-
-def _fields(record: CheckpointRecord) -> Mapping[str, Any]:
-    return {
-        "role": record.role,
-        "epoch": record.epoch,
-        "global_step": record.global_step,
-        "metrics": record.metrics,
-        "monitor": record.monitor,
-    }
-
-
-def matches(store: StoreReader, record: CheckpointRecord) -> bool:
-    """Whether the directory checkpoint on the store still holds exactly the tree ``record`` describes."""
-    try:
-        verify(store, record)
-    except (FileNotFoundError, CheckpointCorruptError):
-        return False
-    return True

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
+import shutil
 from collections.abc import Mapping
-from typing import Any
-
-import fsspec
+from typing import IO, Any
 
 from . import serialization
 from .manager import scalar_metrics
-from .manifest import CheckpointRecord, epoch_of_name, role_of_name
+from .names import epoch_of_name, role_of_name
+from .records import CheckpointRecord
+from .sources import SourceFile
 from .store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ def import_checkpoint(
     verified like the store's own files. The file is opened (weights-only, tensors left unread) to refuse
     damaged files and to read its epoch and step.
 
+    Like every writer it goes through the directory's lock (see ``StoreLockedError``).
+
     The role decides what uses the file: ``best_model.pth``, ``checkpoint_epoch_<n>.pth`` and
     ``interrupt_checkpoint.pth`` get their usual roles; any other Lightning training checkpoint becomes an
     ``"epoch"`` checkpoint, so ``GenesisCheckpoint`` resumes from it (and retires it like its own once
@@ -67,43 +69,41 @@ def import_checkpoint(
         UnsafeCheckpointError: ``source`` needs ``trusted=True``.
     """
     options = dict(storage_options or {})
-    src_fs, src_path = fsspec.core.url_to_fs(os.fspath(source), **options)
-    display = os.fspath(source)
+    src = SourceFile(source, options)
     store = CheckpointStore(save_dir, options)
-    name = name or posixpath.basename(src_path.rstrip("/"))
-    target = store.path(name)
-    in_place = src_fs.protocol == store.fs.protocol and posixpath.normpath(src_path) == posixpath.normpath(
-        target
-    )
-    if not src_fs.exists(src_path):
-        raise FileNotFoundError(f"{display} does not exist: nothing to import")
-    # Tensors go to "meta": the structure is parsed and checked without reading gigabytes of weights.
-    with src_fs.open(src_path, "rb") as f:
-        obj = serialization.load(f, display, map_location="meta", trusted=trusted)
-    if not overwrite and (
-        store.manifest(refresh=True).get(name) is not None or (not in_place and store.fs.exists(target))
-    ):
-        raise FileExistsError(
-            f"{store.url_for(name)} already exists; choose another name= or pass overwrite=True"
-        )
-    if not in_place:
-        store.fs.makedirs(store.root, exist_ok=True)
-        with src_fs.open(src_path, "rb") as fin, store.commit.open_write(target) as fout:
-            while chunk := fin.read(serialization.READ_CHUNK):
-                fout.write(chunk)
+    name = name or src.name
+    in_place = src.is_in(store, name)
+    if not src.exists():
+        raise FileNotFoundError(f"{src.display} does not exist: nothing to import")
+    obj = src.load_structure(trusted=trusted)
     fields: Mapping[str, Any] = obj if isinstance(obj, Mapping) else {}
     is_training = all(k in fields for k in _LIGHTNING_TRAINING_KEYS)
     implied = role_of_name(name)
-    record = store.register(
-        name,
-        role=role or (implied if implied != "manual" else "epoch" if is_training else "manual"),
-        epoch=epoch
+    record_fields: dict[str, Any] = {
+        "role": role or (implied if implied != "manual" else "epoch" if is_training else "manual"),
+        "epoch": epoch
         if epoch is not None
         else _int(fields.get("epoch"))
         if "epoch" in fields
         else epoch_of_name(name),
-        global_step=global_step if global_step is not None else _int(fields.get("global_step")),
-        metrics=scalar_metrics(fields) if metrics is None else metrics,
-    )
-    log.info("imported %s as %s (role %s)", display, store.url_for(name), record.role)
+        "global_step": global_step if global_step is not None else _int(fields.get("global_step")),
+        "metrics": scalar_metrics(fields) if metrics is None else metrics,
+    }
+    with store.transaction() as tx:
+        if not overwrite and (tx.manifest.get(name) is not None or (not in_place and store.exists(name))):
+            raise FileExistsError(
+                f"{store.url_for(name)} already exists; choose another name= or pass overwrite=True"
+            )
+        if in_place:
+            record = tx.register(name, **record_fields)
+        else:
+
+            def copy_in(out: IO[bytes]) -> None:
+                with src.open() as fin:
+                    shutil.copyfileobj(fin, out, serialization.READ_CHUNK)
+
+            record = tx.write_stream(
+                name, copy_in, overwrite_unlisted=overwrite, versions={}, **record_fields
+            )
+    log.info("imported %s as %s (role %s)", src.display, store.url_for(name), record.role)
     return record

@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import operator
+import threading
+import time
+import weakref
 from collections.abc import Mapping
+from types import TracebackType
 from typing import Any, ClassVar
 
 import torch
 
 from .errors import CheckpointCorruptError
-from .manifest import (
-    BEST_NAME,
-    EPOCH_PREFIX,
-    INTERRUPT_NAME,
-    CheckpointRecord,
-    epoch_name,
-    epoch_of_name,
-    role_of_name,
-)
+from .names import BEST_NAME, EPOCH_PREFIX, INTERRUPT_NAME, epoch_name
+from .preservation import LatestN, PreservationPolicy, RetentionContext, select_deletions
+from .records import METADATA_KEY, CheckpointRecord
 from .resume import interrupt_then_epoch, resolve
-from .retention import KeepLastN, rolling_to_delete
 from .serialization import Serializer, check_map_location
-from .store import METADATA_KEY, CheckpointStore
+from .store import CheckpointStore
 
 log = logging.getLogger(__name__)
-
-#: The roles of the standard names the original utility wrote, adopted from a directory without a manifest.
-_ADOPTED_ROLES = ("best", "epoch", "interrupt")
 
 #: Keys of a state dict that are recorded as the record's epoch / step rather than as metrics.
 _COUNTER_KEYS = ("epoch", "global_step")
@@ -68,21 +64,30 @@ class CheckpointManager:
 
     Deliberate differences from the Genesis utility of the same name:
 
-    * The interrupt snapshot is **not deleted when it is loaded**. It is retired once the next epoch
-      checkpoint has committed, so a crash right after resuming loses nothing.
+    * The interrupt snapshot is **not deleted when it is loaded**. It is retired once an epoch checkpoint
+      with at least as much training has committed, so a crash right after resuming loses nothing.
     * A failed save **raises** (the original logged and went on, so training could continue with nothing on
       disk). Old checkpoints are deleted only after the new one has committed.
     * ``max_to_keep < 1`` is an error rather than silently becoming 1.
     * Loading is weights-only unless ``trusted=True`` (states holding custom objects need it).
 
     A directory that already holds Genesis-style files but no manifest (written by the original utility) is
-    adopted on construction: its ``best_model.pth``, ``checkpoint_epoch_*.pth`` and
-    ``interrupt_checkpoint.pth`` are checksummed into a new manifest, with a warning listing them.
+    adopted: its ``best_model.pth``, ``checkpoint_epoch_*.pth`` and ``interrupt_checkpoint.pth`` are loaded
+    (weights-only) and checksummed into the manifest, with a warning listing them; in memory for loading, on
+    disk with the first save.
+
+    The manager only writes when it saves. From its first save on it holds the directory's lock, like a
+    training run (another process writing there is refused with ``StoreLockedError``, and a writer of this
+    process goes through it), until :meth:`close` (or the end of a ``with CheckpointManager(...)`` block, or
+    the manager being garbage-collected). A manager that only loads (an evaluation loop polling a live run's
+    directory) never removes or rewrites anything.
 
     Args:
         save_dir: directory path or fsspec URL; created if missing.
         device: where loaded tensors are mapped (``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...).
         max_to_keep: how many epoch checkpoints to keep, newest by epoch number (numerically).
+        preserve: a preservation policy to use instead of ``LatestN(max_to_keep)``, e.g.
+            ``AnyOf(LatestN(3), EveryNSteps(10_000))``; the same rules as the callback's and ``prune``'s.
         storage_options: passed to fsspec (credentials, endpoint); never written anywhere.
         trusted: allow loading files that need full pickle (may run code from the file).
         serializer: ``"torch"``, or ``"dill"`` for states plain pickle cannot hold (loading then needs
@@ -91,7 +96,6 @@ class CheckpointManager:
 
     Raises:
         ValueError: ``max_to_keep < 1``, or ``device`` is not available on this machine.
-        OSError: ``save_dir`` cannot be created or written (the message names it).
     """
 
     BEST_MODEL_NAME: ClassVar[str] = BEST_NAME
@@ -108,6 +112,7 @@ class CheckpointManager:
         trusted: bool = False,
         serializer: Serializer = "torch",
         verbose: bool = True,
+        preserve: PreservationPolicy | None = None,
     ) -> None:
         if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
             raise ValueError(
@@ -124,15 +129,27 @@ class CheckpointManager:
         self.trusted = trusted
         self.serializer: Serializer = serializer
         self.verbose = verbose
-        self.store = CheckpointStore(self.save_dir, storage_options, verbose=verbose)
+        self.preserve: PreservationPolicy = preserve or LatestN(max_to_keep)
+        self.store = _ManagerStore(self.save_dir, storage_options, verbose=verbose)
         #: The record the last successful ``load_*`` call returned, if any.
         self.last_loaded: CheckpointRecord | None = None
-        had_manifest = self.store.fs.exists(self.store.manifest_path)
-        self.store.ensure_writable()
-        self.store.sweep_temp()
-        self.store.manifest(refresh=True)
-        if not had_manifest:
-            self._adopt_unlisted_files()
+        # Created up front like the original; creating an empty directory removes or rewrites nothing.
+        with contextlib.suppress(OSError):
+            self.store.ensure_directory()
+        self._release = weakref.finalize(self, _release_soon, self.store)
+        self.store.manifest()  # read (and, for a directory of the original utility, adopted) up front
+
+    def close(self) -> None:
+        """Release the directory's lock if this manager holds it (it does from its first save on)."""
+        self._release()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
     # ---------------------------------------------------------------------------------------- saving
     def save_best_model(self, state: Mapping[str, Any], metric: float) -> CheckpointRecord:
@@ -150,24 +167,15 @@ class CheckpointManager:
     def save_epoch_checkpoint(self, state: Mapping[str, Any], epoch: int) -> CheckpointRecord:
         """Save ``state`` as ``checkpoint_epoch_{epoch}.pth``, then apply the rolling cleanup.
 
-        Once it has committed, epoch checkpoints beyond the newest ``max_to_keep`` (by epoch number) and
-        the interrupt snapshot are retired. A failed cleanup is logged and does not undo the save.
+        In the same transaction, epoch checkpoints the preservation policy does not keep (beyond the newest
+        ``max_to_keep`` by epoch number, by default) are retired, and the interrupt snapshot once this
+        checkpoint has at least as much training. Their files go after the commit; a failed removal is
+        logged and does not undo the save.
         """
         epoch = operator.index(epoch)
         if epoch < 0:
             raise ValueError(f"save_epoch_checkpoint(epoch={epoch}) is invalid: epochs are counted from 0")
-        record = self._save(epoch_name(epoch), state, role="epoch", epoch=epoch)
-        doomed = rolling_to_delete(self.store.records(), [KeepLastN(self.max_to_keep)])
-        if self.store.manifest().get(INTERRUPT_NAME) is not None:
-            doomed.append(INTERRUPT_NAME)
-        if doomed:
-            try:
-                self.store.delete(doomed)
-            except OSError as e:
-                log.warning(
-                    "could not retire old checkpoints %s in %s: %s", ", ".join(doomed), self.save_dir, e
-                )
-        return record
+        return self._save(epoch_name(epoch), state, role="epoch", epoch=epoch)
 
     def save_interrupt_checkpoint(self, state: Mapping[str, Any]) -> CheckpointRecord:
         """Save a snapshot on Ctrl+C or preemption; :meth:`load_latest_checkpoint` prefers it."""
@@ -180,19 +188,21 @@ class CheckpointManager:
     def _save(self, name: str, state: Mapping[str, Any], *, role: str, **fields: Any) -> CheckpointRecord:
         if not isinstance(state, Mapping):
             raise TypeError(f"CheckpointManager saves a dict of state, got a {type(state).__name__}")
-        # Re-read the manifest: records that other writers in this directory committed since (a
-        # tag_version(), a second store) must not be lost when ours is written over it.
-        self.store.manifest(refresh=True)
+        self.store.acquire_lock()  # the manager is a writer from here on (see the class doc)
         fields.setdefault("epoch", _counter(state, "epoch"))
         fields.setdefault("metrics", scalar_metrics(state))
-        return self.store.save(
-            name,
-            dict(state),
-            role=role,
-            global_step=_counter(state, "global_step"),
-            serializer=self.serializer,
-            **fields,
-        )
+        with self.store.transaction() as tx:
+            record = tx.write(
+                name,
+                dict(state),
+                role=role,
+                global_step=_counter(state, "global_step"),
+                serializer=self.serializer,
+                **fields,
+            )
+            context = RetentionContext(now=time.time(), just_committed=record, resumed_from=self.last_loaded)
+            tx.delete(select_deletions(tx.manifest.records.values(), self.preserve, context))
+        return record
 
     # --------------------------------------------------------------------------------------- loading
     def load_best_model(self) -> dict[str, Any] | None:
@@ -261,22 +271,20 @@ class CheckpointManager:
         # dill's unpickler also reads plain pickles: a trusted load works whichever serializer saved the file.
         return "dill" if self.trusted else None
 
-    # -------------------------------------------------------------------------------------- adoption
-    def _adopt_unlisted_files(self) -> None:
-        """Recovery path for a directory written by the original utility: register its standard files."""
-        listed = self.store.manifest().records
-        try:
-            entries = self.store.fs.ls(self.store.root, detail=False)
-        except FileNotFoundError:
-            return
-        names = sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
-        found = [n for n in names if role_of_name(n) in _ADOPTED_ROLES and n not in listed]
-        for name in found:
-            self.store.register(name, role=role_of_name(name), epoch=epoch_of_name(name))
-        if found:
-            log.warning(
-                "%s had no manifest: adopted %d existing checkpoint file(s) as they are now (%s)",
-                self.save_dir,
-                len(found),
-                ", ".join(found),
-            )
+
+def _release_soon(store: CheckpointStore) -> None:
+    """Release a collected manager's lock: at once, or from a thread of its own when the collection happened
+    on an event loop's thread (s3fs's), where the blocking I/O of a release cannot run."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        store.release_lock()
+        return
+    threading.Thread(target=store.release_lock, name="genesis-ckpt-release", daemon=True).start()
+
+
+class _ManagerStore(CheckpointStore):
+    """The manager's store: a lost manifest is rebuilt with the files of the original Genesis utility too
+    (standard names, no embedded record), which are loaded and checksummed as they are (see :mod:`.recovery`)."""
+
+    adopts_standard_names = True

@@ -3,49 +3,27 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointCorruptError
-from .manifest import CheckpointRecord
+from .names import RESUMABLE_ROLES
+from .ordering import OrderKey, candidates, interrupt_then_epoch, most_steps_first
 from .reader import StoreReader
-from .retention import epoch_order
+from .records import CheckpointRecord
 from .serialization import MapLocation, Serializer
 
 log = logging.getLogger(__name__)
 
-#: Roles whose files hold a full training state and can therefore be resumed from.
-RESUMABLE_ROLES = ("epoch", "interrupt", "best")
-
-
-OrderKey = Callable[[CheckpointRecord], Any]
-
-
-def most_steps_first(record: CheckpointRecord) -> tuple[int, bool, int]:
-    """The callback's order: most optimizer steps; at equal steps a rolling or interrupt checkpoint beats
-    ``best_model.pth`` (usually a copy of one of them), then the later commit wins."""
-    steps = -1 if record.global_step is None else record.global_step
-    return (steps, record.role != "best", record.seq)
-
-
-def interrupt_then_epoch(record: CheckpointRecord) -> tuple[bool, tuple[int, int]]:
-    """The ``CheckpointManager`` order: the interrupt snapshot, then the highest epoch number.
-
-    Plain loops record no step count, so epoch numbers (numeric, not lexical) are the only progress measure.
-    """
-    return (record.role == "interrupt", epoch_order(record))
-
-
-def candidates(
-    records: Iterable[CheckpointRecord],
-    *,
-    roles: Sequence[str] = RESUMABLE_ROLES,
-    key: OrderKey = most_steps_first,
-) -> list[CheckpointRecord]:
-    """Records with one of ``roles``, newest training state first by ``key`` (largest key first)."""
-    usable = [r for r in records if r.role in roles]
-    return sorted(usable, key=key, reverse=True)
+__all__ = [
+    "RESUMABLE_ROLES",
+    "Resolution",
+    "candidates",
+    "interrupt_then_epoch",
+    "most_steps_first",
+    "resolve",
+]
 
 
 @dataclass

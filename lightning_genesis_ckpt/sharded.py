@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .manifest import CheckpointRecord
+from .records import CheckpointRecord
 from .store import CheckpointStore
 
 
@@ -42,7 +42,8 @@ def save_sharded(
         trainer.strategy.barrier("genesis_save_directory")
         if pending is None:
             return None
-        record = pending.commit(**fields)
+        with store.transaction() as tx:
+            record = tx.commit_directory(pending, **fields)
     finally:
         if pending is not None:
             pending.abort()

@@ -12,7 +12,7 @@ from torch import nn
 
 from .api import file_store
 from .errors import CheckpointCorruptError, ManifestError, UnsafeCheckpointError
-from .store import METADATA_KEY
+from .records import METADATA_KEY
 
 #: Prefixes that wrappers add to parameter names: ``DataParallel``/DDP (``module.``) and ``torch.compile``
 #: (``_orig_mod.``).
@@ -89,15 +89,13 @@ def validate_checkpoint(
         display = store.url_for(name)
         record = store.manifest().get(name)
         if record is not None:
-            store.verify(name)
             checked = f"checksum {record.checksum} matches the manifest"
-        elif store.fs.exists(store.path(name)):
+        elif store.exists(name):
             checked = "not listed in a manifest, so no checksum to compare"
         else:
             return False, f"{display}: no such file"
-        obj = store.load(
-            name, map_location="cpu", trusted=trusted, verify=False, serializer="dill" if trusted else None
-        )
+        # One pass: the bytes are checksummed as they are read, and what loads is what was checked.
+        obj = store.load(name, map_location="cpu", trusted=trusted, serializer="dill" if trusted else None)
     except (CheckpointCorruptError, UnsafeCheckpointError, ManifestError, FileNotFoundError, ValueError) as e:
         return False, str(e)
     except OSError as e:

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .manager import scalar_metrics, strip_metadata
-from .manifest import BEST_NAME, VERSION_PREFIX, VERSION_SUFFIX, CheckpointRecord, version_of_name
+from .names import BEST_NAME, VERSION_PREFIX, VERSION_SUFFIX, version_of_name
+from .records import CheckpointRecord
 from .serialization import MapLocation, Serializer
-from .store import CheckpointStore
+from .store import CheckpointStore, StoreReader
+from .transaction import Transaction
 
 #: ``load_version(..., "latest")``: the most recently committed version.
 LATEST = "latest"
@@ -84,10 +86,10 @@ def version_file(name: str) -> str:
     return f"{VERSION_PREFIX}{name}{VERSION_SUFFIX}"
 
 
-def _refuse_existing(store: CheckpointStore, file: str, name: str, overwrite: bool) -> None:
-    if not overwrite and store.manifest(refresh=True).get(file) is not None:
+def _refuse_existing(tx: Transaction, file: str, name: str, overwrite: bool) -> None:
+    if not overwrite and tx.manifest.get(file) is not None:
         raise FileExistsError(
-            f"version {name!r} already exists in {store.url}; choose another name or pass overwrite=True"
+            f"version {name!r} already exists in {tx.store.url}; choose another name or pass overwrite=True"
         )
 
 
@@ -115,21 +117,23 @@ def save_version(
     Raises:
         FileExistsError: the version exists and ``overwrite`` is False.
         ValueError: an invalid version name.
+        StoreLockedError: another process's run holds the directory (from the training process itself, the
+            version goes through the run's lock and survives its later commits).
     """
     file = version_file(version)
-    store = CheckpointStore(save_dir, storage_options)
-    _refuse_existing(store, file, version, overwrite)
     counters = state if isinstance(state, Mapping) else {}
     epoch, step = counters.get("epoch"), counters.get("global_step")
-    record = store.save(
-        file,
-        state,
-        role="version",
-        epoch=epoch if isinstance(epoch, int) else None,
-        global_step=step if isinstance(step, int) else None,
-        metrics=scalar_metrics(state) if metrics is None else metrics,
-        serializer=serializer,
-    )
+    with CheckpointStore(save_dir, storage_options).transaction() as tx:
+        _refuse_existing(tx, file, version, overwrite)
+        record = tx.write(
+            file,
+            state,
+            role="version",
+            epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
+            global_step=step if isinstance(step, int) and not isinstance(step, bool) else None,
+            metrics=scalar_metrics(state) if metrics is None else metrics,
+            serializer=serializer,
+        )
     return Version.from_record(record)
 
 
@@ -148,17 +152,20 @@ def tag_version(
     Raises:
         FileNotFoundError: ``source`` is not a committed checkpoint of ``save_dir``.
         FileExistsError: the version exists and ``overwrite`` is False.
+        StoreLockedError: as :func:`save_version`.
     """
     file = version_file(version)
     store = CheckpointStore(save_dir, storage_options)
-    _refuse_existing(store, file, version, overwrite)
-    store.verify(source)  # never give a damaged file a name people will deploy
-    return Version.from_record(store.copy(source, file, role="version"))
+    with store.transaction() as tx:
+        _refuse_existing(tx, file, version, overwrite)
+        store.verify(source)  # never give a damaged file a name people will deploy
+        record = tx.copy(source, file, role="version")
+    return Version.from_record(record)
 
 
 def list_versions(save_dir: str, *, storage_options: Mapping[str, Any] | None = None) -> list[Version]:
     """The versions in ``save_dir``, oldest first."""
-    store = CheckpointStore(save_dir, storage_options, verbose=False)
+    store = StoreReader(save_dir, storage_options, verbose=False)
     return [
         Version.from_record(r) for r in store.records() if r.role == "version" and version_of_name(r.name)
     ]
@@ -178,7 +185,7 @@ def load_version(
         FileNotFoundError: no such version (the message lists the existing ones).
         CheckpointCorruptError, UnsafeCheckpointError: as :func:`lightning_genesis_ckpt.load`.
     """
-    store = CheckpointStore(save_dir, storage_options, verbose=False)
+    store = StoreReader(save_dir, storage_options, verbose=False)
     versions = [
         Version.from_record(r) for r in store.records() if r.role == "version" and version_of_name(r.name)
     ]

@@ -105,7 +105,7 @@ def inspect(dirpath: str, epochs_started: int) -> Inspection:
     if not manifest_missing:
         try:
             on_disk = Manifest.decode(Path(dirpath, MANIFEST_NAME).read_bytes(), MANIFEST_NAME)
-            deleting = set(on_disk.deleting & set(names)) - set(on_disk.records)
+            deleting = set(on_disk.deleting).intersection(names) - set(on_disk.records)
         except ManifestError as e:
             problems.append(f"manifest does not parse: {e}")
     for name in finals:

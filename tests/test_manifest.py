@@ -6,6 +6,7 @@ import pytest
 
 from lightning_genesis_ckpt import CheckpointRecord, Manifest, ManifestError
 from lightning_genesis_ckpt.manifest import FORMAT_VERSION, epoch_name, epoch_of_name, role_of_name
+from lightning_genesis_ckpt.records import Stamp
 
 
 def rec(name: str, seq: int, **kw) -> CheckpointRecord:
@@ -90,21 +91,42 @@ def test_names(name: str, epoch: int | None, role: str) -> None:
         assert epoch_name(epoch) == name
 
 
-def test_intents_roundtrip_and_clear_on_commit() -> None:
+def test_deletions_carry_what_they_deleted_and_clear_on_commit() -> None:
     m = (
         Manifest()
         .with_record(rec("a.pth", 1))
         .with_record(rec("b.pth", 2))
         .with_record(rec("best_model.pth", 3))
     )
-    assert b"replacing" not in m.encode() and b"deleting" not in m.encode()  # written only when set
-    m = m.replacing_file("best_model.pth").without(["a.pth", "never-listed.pth"])
-    assert (m.replacing, m.deleting) == ({"best_model.pth"}, {"a.pth"})
+    assert b"deleting" not in m.encode() and json.loads(m.encode())["version"] == 1  # written only when set
+    m = m.without(["a.pth", "never-listed.pth"])
+    assert m.deleting == {"a.pth": Stamp(10, "crc32:00000000")}
+    doc = json.loads(m.encode())
+    assert doc["version"] == FORMAT_VERSION and doc["deleting"] == {
+        "a.pth": {"size": 10, "checksum": "crc32:00000000"}
+    }
     assert Manifest.decode(m.encode(), "m.json") == m
-    # Committing a name ends both intents for it; finished deletions leave the list.
-    m = m.with_record(rec("best_model.pth", 4)).with_record(rec("a.pth", 5))
-    assert (m.replacing, m.deleting) == (frozenset(), frozenset())
-    assert m.without(["b.pth"]).deleted(["b.pth"]).deleting == frozenset()
+    # Committing a name again ends its deletion; finished deletions leave the list.
+    assert m.with_record(rec("a.pth", 5)).deleting == {}
+    assert m.without(["b.pth"]).deleted(["a.pth", "b.pth"]).deleting == {}
+
+
+def test_manifests_of_earlier_versions_are_read() -> None:
+    # Version 2 listed deletions (and in-place replacements) by name only.
+    old = _doc(version=2, checkpoints=[rec("a.pth", 1).to_json()], deleting=["b.pth"], replacing=["a.pth"])
+    m = Manifest.decode(old, "m.json")
+    assert (m.deleting, m.replacing) == ({"b.pth": None}, {"a.pth"})
+
+
+def test_non_finite_metrics_round_trip_as_strict_json() -> None:
+    m = Manifest().with_record(
+        rec("a.pth", 1, metrics={"loss": float("nan"), "up": float("inf"), "down": -float("inf")})
+    )
+    data = m.encode()
+    doc = json.loads(data, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert doc["checkpoints"][0]["metrics"] == {"down": "-Infinity", "loss": "NaN", "up": "Infinity"}
+    back = Manifest.decode(data, "m.json").records["a.pth"].metrics
+    assert back["up"] == float("inf") and back["down"] == -float("inf") and back["loss"] != back["loss"]
 
 
 def _doc(**extra: object) -> bytes:

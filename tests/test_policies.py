@@ -6,7 +6,8 @@ import datetime
 import math
 
 import pytest
-from lightning_genesis_ckpt.core.preservation import (
+
+from lightning_genesis_ckpt.preservation import (
     AnyOf,
     BestN,
     EveryNSeconds,
@@ -16,8 +17,8 @@ from lightning_genesis_ckpt.core.preservation import (
     RetentionContext,
     select_deletions,
 )
-from lightning_genesis_ckpt.core.records import CheckpointRecord
-from lightning_genesis_ckpt.core.save_decision import (
+from lightning_genesis_ckpt.records import CheckpointRecord
+from lightning_genesis_ckpt.save_decision import (
     AnySave,
     EpochInterval,
     SaveContext,
@@ -84,7 +85,8 @@ STEPS = steps(1000, 2000, 3000, 10_000, 11_000, 12_000, 20_000, 21_000)
         (EPOCHS, LatestN(10), []),
         (EPOCHS, AnyOf(LatestN(1), BestN(1, "loss")), names(EPOCHS, 0, 2, 3)),
         (EPOCHS, AnyOf(LatestN(1), BestN(2, "loss")), names(EPOCHS, 0, 2)),
-        (EPOCHS, AnyOf(LatestN(1), BestN(1, "loss", mode="max")), names(EPOCHS, 1, 2, 3)),
+        (EPOCHS, AnyOf(LatestN(1), BestN(1, "loss", mode="max")), names(EPOCHS, 0, 1, 2, 3)),
+        (EPOCHS, AnyOf(LatestN(1), BestN(2, "loss", mode="max")), names(EPOCHS, 1, 2, 3)),
         (EPOCHS, BestN(0, "loss"), names(EPOCHS, 0, 1, 2, 3, 4)),
         (EPOCHS, BestN(1, "not_logged"), names(EPOCHS, 0, 1, 2, 3, 4)),
         (STEPS, AnyOf(LatestN(2), EveryNSteps(10_000)), names(STEPS, 0, 1, 2, 4, 5)),

@@ -112,10 +112,9 @@ def test_every_writer_is_refused_while_another_run_holds_the_directory(
         "import": lambda: genesis.import_checkpoint(str(elsewhere), url, storage_options=opts),
         "genesis.save": lambda: genesis.save(state(5), f"{url}/model.pth", storage_options=opts),
     }
-    for what, write in writers.items():
+    for write in writers.values():
         with pytest.raises(StoreLockedError, match=HOLDER):
             write()
-        assert files(store_url) == before, f"{what} changed the directory"
     code, _, err = run_cli(store_url, "prune", url, "--keep-last", "1")
     assert code == 2 and HOLDER in err and "Traceback" not in err
     assert files(store_url) == before
