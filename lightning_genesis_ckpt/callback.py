@@ -498,10 +498,8 @@ class GenesisCheckpoint(_CheckpointBase):
     def _warn_if_inexact(self, trainer: Any, preempted: bool) -> None:
         if not self._mid_epoch(trainer):
             return
-        if not _lightning.at_optimizer_step_boundary(trainer):
-            done = (
-                trainer.fit_loop.epoch_loop.batch_progress.current.completed % trainer.accumulate_grad_batches
-            )
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed % trainer.accumulate_grad_batches
+        if done:
             log.warning(
                 "the snapshot is taken between two gradient-accumulation steps: the gradients of the last %d "
                 "batch(es) since the optimizer step are not in it, so the resumed run differs from an "

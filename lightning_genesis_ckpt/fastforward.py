@@ -168,5 +168,10 @@ class FastForward:
             return "the train DataLoader does not draw its shuffle as it did when the snapshot was taken"
         self.epoch_start = EpochStart(epoch, plan["rng"], int(plan["base_seed"]))
         self._observed_epoch = epoch
-        log.info("fast-forwarded the train DataLoader to batch %d of epoch %d (same shuffle)", batches, epoch)
+        log.info(
+            "fast-forwarded the train DataLoader to batch %d of epoch %d: same shuffle, no batch repeated "
+            "(Lightning's warning that the dataloader is not resumable does not apply)",
+            batches,
+            epoch,
+        )
         return None
