@@ -11,7 +11,9 @@ them all, so a file saved with default settings could not be resumed with defaul
   among classes the program already has; nothing is imported, and no other global is resolved.
 
 Anything else (a custom class, a function, ``dill`` objects) is still refused, and :func:`refused_objects`
-names such objects at the first save so the user hears of it then, not when resuming.
+names such objects at the first save so the user hears of it then, not when resuming. That includes
+subscripted type hints (``List[int]``, ``tuple[int, ...]``, e.g. in an omegaconf structured config's schema):
+they pickle as a call of ``operator.getitem``, a general-purpose function that is not allowed.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ for _module in ("numpy._core.multiarray", "numpy.core.multiarray"):
 _OMEGACONF = {
     "omegaconf.dictconfig.DictConfig": ("omegaconf.dictconfig", "DictConfig"),
     "omegaconf.listconfig.ListConfig": ("omegaconf.listconfig", "ListConfig"),
+    "omegaconf.tupleconfig.TupleConfig": ("omegaconf.tupleconfig", "TupleConfig"),
     "omegaconf.base.ContainerMetadata": ("omegaconf.base", "ContainerMetadata"),
     "omegaconf.base.Metadata": ("omegaconf.base", "Metadata"),
     **{
@@ -76,6 +79,13 @@ _OMEGACONF = {
         )
     },
 }
+
+
+_NUMPY_DTYPE_CLASSES: list[SafeGlobal] = [
+    (cls, f"numpy.dtypes.{name}")
+    for name, cls in vars(np.dtypes).items()
+    if isinstance(cls, type) and issubclass(cls, np.dtype)
+]
 
 
 def _already_imported(name: str) -> Any:
@@ -134,6 +144,10 @@ def refused_globals(source: str | typing.IO[bytes]) -> tuple[list[SafeGlobal], l
             refused.append(name)
         else:
             allowed.append((obj, name))
+    if any(name.startswith("numpy.") for _, name in allowed):  # type: ignore[misc]
+        # A dtype is rebuilt as an instance of its class in numpy.dtypes (Float32DType...), which the
+        # unpickler checks when it builds the object; the file does not name it.
+        allowed += _NUMPY_DTYPE_CLASSES
     return allowed, refused
 
 

@@ -182,7 +182,10 @@ def _is_unsafe_error(exc: BaseException) -> bool:
     # torch's weights-only unpickler reports a forbidden class or callable as "Unsupported global".
     text = str(exc)
     return isinstance(exc, pickle.UnpicklingError) and (
-        "Unsupported global" in text or "GLOBAL" in text or "not an allowed global" in text
+        "Unsupported global" in text
+        or "GLOBAL" in text
+        or "not an allowed global" in text
+        or "Can only build" in text  # an object of a class that is not allowed, built by the file
     )
 
 

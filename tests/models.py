@@ -69,12 +69,12 @@ def flavour(name: str = "pytorch_lightning") -> SimpleNamespace:
             return {"optimizer": opt, "lr_scheduler": sched}
 
     def make_trainer(callbacks: list[Any], max_epochs: int, **kw: Any) -> Any:
+        kw.setdefault("logger", False)
         return pl.Trainer(
             max_epochs=max_epochs,
             accelerator="cpu",
             devices=1,
             callbacks=callbacks,
-            logger=False,
             enable_progress_bar=False,
             enable_model_summary=False,
             deterministic=True,
