@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from types import ModuleType
@@ -407,3 +408,42 @@ def may_log_at_epoch_end(trainer: Any, exclude: Any) -> bool:
     return any(
         cb is not exclude and _defined_outside_lightning(cb, "on_train_epoch_end") for cb in trainer.callbacks
     )
+
+
+# ------------------------------------------------------------------------------- hparams -> model
+def instantiate_from_hparams(cls: type, hparams: dict[str, Any]) -> Any:
+    """Build LightningModule ``cls`` from a checkpoint's ``hyper_parameters`` as ``load_from_checkpoint`` does.
+
+    LightningCLI checkpoints carry ``_instantiator`` (and ``_class_path`` for subclass mode) next to the
+    constructor arguments: the instantiator must be in Lightning's allowlist and the class already imported
+    (both Lightning's own checks, so nothing is imported because the file says so); arguments the
+    constructor does not take are dropped unless it takes ``**kwargs``.
+    """
+    flavour = next(
+        (name for name in _FLAVOURS if any(c.__module__.startswith(f"{name}.") for c in cls.__mro__)),
+        next(iter(_FLAVOURS)),
+    )
+    saving = importlib.import_module(f"{flavour}.core.saving")
+    kwargs = dict(hparams)
+    instantiator_path = kwargs.pop("_instantiator", None)
+    instantiator = None
+    if instantiator_path is not None:
+        if not isinstance(instantiator_path, str) or instantiator_path not in saving._ALLOWED_INSTANTIATORS:
+            raise ValueError(
+                f"the checkpoint's instantiator {instantiator_path!r} is not one Lightning trusts "
+                f"({flavour}.core.saving._ALLOWED_INSTANTIATORS); pass model_kwargs= or an instance instead"
+            )
+        class_path = kwargs.get("_class_path")
+        if class_path is not None and not saving._is_imported_subclass(class_path, cls):
+            raise ValueError(
+                f"the checkpoint's class {class_path!r} is not an imported subclass of {cls.__name__}: "
+                "import its module first, or pass an instance"
+            )
+        module_path, name = instantiator_path.rsplit(".", 1)
+        instantiator = getattr(importlib.import_module(module_path), name)
+    else:
+        kwargs.pop("_class_path", None)
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return instantiator(cls, kwargs) if instantiator is not None else cls(**kwargs)

@@ -29,13 +29,13 @@ import typing
 from collections.abc import Callable, Iterator
 from typing import Any
 
-#: What ``torch.serialization.safe_globals`` takes: an object, or an object and the name a file uses for it.
-SafeGlobal = Callable[..., Any] | tuple[Callable[..., Any], str]
-
 import numpy as np
 import torch
 
-__all__ = ["allowed_globals", "refused_globals", "refused_objects", "resolve"]
+__all__ = ["SafeGlobal", "allowed_globals", "refused_globals", "refused_objects", "resolve"]
+
+#: What ``torch.serialization.safe_globals`` takes: an object, or an object and the name a file uses for it.
+SafeGlobal = Callable[..., Any] | tuple[Callable[..., Any], str]
 
 _FIXED: dict[str, Any] = {
     "pathlib.Path": pathlib.Path,

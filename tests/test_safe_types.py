@@ -106,7 +106,7 @@ def test_other_objects_are_named_at_the_first_save(tmp_path: Path, caplog: pytes
     assert "checkpoint['extra']['custom'] (a test_safe_types.Custom" in warnings[0]
     assert "trusted=True" in warnings[0] and "dataclass" in warnings[0]
     assert "['extra']['config']" not in warnings[0]  # the known-safe types are not reported
-    with pytest.raises(UnsafeCheckpointError, match="test_safe_types.Custom"):
+    with pytest.raises(UnsafeCheckpointError, match=r"test_safe_types\.Custom"):
         CheckpointStore(d).load("checkpoint_epoch_1.pth")
 
 
