@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from . import _lightning, rng, safe_types
+from . import _lightning, fit_state, rng, safe_types
 from ._lightning import (
     CHECKPOINT_BASES,
-    CONFIGURATION_ERRORS,
     SIGTERM_EXCEPTIONS,
     check_compatibility,
     dump_checkpoint,
@@ -21,8 +17,7 @@ from ._lightning import (
     writes_directory,
 )
 from .async_save import BackgroundSaver, SnapshotBuffers
-from .ckpt_paths import CheckpointPaths
-from .errors import MonitorNotFoundError
+from .ckpt_paths import CheckpointPaths, ModelCheckpointAttributes
 from .fastforward import FastForward
 from .manifest import BEST_NAME, INTERRUPT_NAME, CheckpointRecord, epoch_name
 from .preemption import Preemption, SignalSpec
@@ -39,7 +34,7 @@ else:
 log = logging.getLogger(__name__)
 
 
-class GenesisCheckpoint(_CheckpointBase):
+class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
     """Atomic, checksummed checkpoints on any fsspec URL, with exact auto-resume and interrupt snapshots.
 
     Files in ``dirpath``: ``checkpoint_epoch_{epoch}.pth`` (the newest ``keep_last`` are kept),
@@ -104,24 +99,7 @@ class GenesisCheckpoint(_CheckpointBase):
         preemption_exit_code: int | None = None,
     ) -> None:
         super().__init__()
-        if mode not in ("min", "max"):
-            raise ValueError(f"GenesisCheckpoint(mode={mode!r}) is invalid: use 'min' or 'max'")
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-            raise ValueError(
-                f"GenesisCheckpoint(keep_last={keep_last!r}) is invalid: keep at least 1 checkpoint"
-            )
-        if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < 0:
-            raise ValueError(
-                f"GenesisCheckpoint(save_top_k={save_top_k!r}) is invalid: use 0 or a positive int"
-            )
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 0:
-            raise ValueError(
-                f"GenesisCheckpoint(every_n_epochs={every_n_epochs!r}) is invalid: use 0 or a positive int"
-            )
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            raise ValueError(
-                f"GenesisCheckpoint(monitor={monitor!r}) is invalid: give a logged metric's name"
-            )
+        fit_state.validate_settings(mode, keep_last, save_top_k, every_n_epochs, monitor)
         self.monitor = monitor
         self.mode: Mode = mode
         self.save_top_k = save_top_k
@@ -151,49 +129,6 @@ class GenesisCheckpoint(_CheckpointBase):
         self._unreported: CheckpointRecord | None = None
         self._trainer_ref: weakref.ref[Any] | None = None
         _lightning.install_ckpt_path_selection()
-
-    # ------------------------------------------------------------- ModelCheckpoint's attributes
-    @property
-    def resumed_from(self) -> CheckpointRecord | None:
-        """The record auto-resume restored from in the current ``fit``, if any."""
-        return self.paths.resumed_from
-
-    @property
-    def best_model_path(self) -> str:
-        """``best_model.pth`` (with a ``monitor``) or the newest rolling checkpoint (without); "" if none."""
-        return self.paths.url(self.paths.view().best)
-
-    @property
-    def best_model_score(self) -> torch.Tensor | None:
-        best = self.paths.view().best
-        value = None if best is None or self.monitor is None else best.metric()
-        return None if value is None else torch.tensor(value)
-
-    @property
-    def best_k_models(self) -> dict[str, torch.Tensor]:
-        """The ``save_top_k`` best checkpoints (at least 1) by ``monitor``: path or URL -> score."""
-        return {self.paths.url(r): torch.tensor(r.metric()) for r in self.paths.view().best_k}
-
-    @property
-    def kth_best_model_path(self) -> str:
-        return self.paths.url(self.paths.view().kth)
-
-    @property
-    def kth_value(self) -> torch.Tensor:
-        kth = self.paths.view().kth
-        value = None if kth is None else kth.metric()
-        return torch.tensor(value if value is not None else (math.inf if self.mode == "min" else -math.inf))
-
-    @property
-    def last_model_path(self) -> str:
-        """The newest checkpoint with a full training state (what auto-resume and ``ckpt_path="last"`` use)."""
-        return self.paths.url(self.paths.view().last)
-
-    @property
-    def current_score(self) -> torch.Tensor | None:
-        """The ``monitor`` value of the checkpoint committed last by this callback."""
-        value = None if self.last_saved is None else self.last_saved.metric()
-        return None if value is None else torch.tensor(value)
 
     def select_ckpt_path(
         self, trainer: Any, fn: str, ckpt_path: Any, model_provided: bool, model_connected: bool
@@ -260,7 +195,7 @@ class GenesisCheckpoint(_CheckpointBase):
         if trainer is not None and self._training_started:
             state["callback_metrics"] = _lightning.scalar_callback_metrics(trainer)
             state["plateau_steps"] = _lightning.pending_plateau_steps(trainer)
-            if self._mid_epoch(trainer):
+            if fit_state.mid_epoch(trainer):
                 plan, _ = self._fast_forward.plan(trainer)
                 if plan is not None:
                     state["fast_forward"] = plan
@@ -318,7 +253,8 @@ class GenesisCheckpoint(_CheckpointBase):
             return
         self.preemption.validation_ended(trainer)
         if not self._monitor_checked and self.monitor is not None and trainer.is_global_zero:
-            self._check_monitor(trainer, final=not _lightning.may_log_at_epoch_end(trainer, self))
+            final = not _lightning.may_log_at_epoch_end(trainer, self)
+            self._monitor_checked = fit_state.check_monitor(trainer, self.monitor, final=final)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._training_finished = True
@@ -334,15 +270,15 @@ class GenesisCheckpoint(_CheckpointBase):
         self._saver.wait()
         self._report_commit(trainer)
         epoch = trainer.current_epoch
-        metrics = self._metrics(trainer)
+        metrics = fit_state.scalar_metrics(trainer)
         decision: tuple[bool, bool] | None = None
         if trainer.is_global_zero:
             if not self._monitor_checked and self.monitor is not None:
-                self._check_monitor(trainer, final=True)
-            value = self._monitored_value(metrics)
+                self._monitor_checked = fit_state.check_monitor(trainer, self.monitor, final=True)
+            value = fit_state.monitored_value(self.monitor, metrics)
             best = self.store.manifest().get(BEST_NAME)
             improved = value is not None and is_better(value, best.metric() if best else None, self.mode)
-            due = self.save_policy.should_save(epoch, self._is_final_epoch(trainer))
+            due = self.save_policy.should_save(epoch, fit_state.is_final_epoch(trainer))
             decision = (due, improved) if due or improved else None
         if trainer.world_size > 1:
             # Rank 0 decides for all: strategies that shard the model gather state inside dump_checkpoint,
@@ -426,7 +362,13 @@ class GenesisCheckpoint(_CheckpointBase):
 
     def _save_snapshot(self, trainer: Any, exception: BaseException, preempted: bool) -> None:
         what = self.preemption.describe() if preempted else type(exception).__name__
-        reason = self._no_snapshot_reason(trainer, exception)
+        reason = fit_state.no_snapshot_reason(
+            trainer,
+            exception,
+            started=self._training_started,
+            finished=self._training_finished,
+            enabled=self.save_on_exception,
+        )
         if reason is not None:
             if preempted and trainer.is_global_zero:
                 newest = self.paths.view().last
@@ -450,12 +392,12 @@ class GenesisCheckpoint(_CheckpointBase):
             return
         if not trainer.is_global_zero:
             return
-        self._warn_if_inexact(trainer, preempted)
+        self._warn_if_inexact(trainer)
         fields = {
             "role": "interrupt",
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
-            "metrics": self._metrics(trainer),
+            "metrics": fit_state.scalar_metrics(trainer),
             "monitor": self.monitor,
         }
         try:
@@ -480,31 +422,16 @@ class GenesisCheckpoint(_CheckpointBase):
                 "could not save the interrupt snapshot to %s: %s", self.store.url_for(INTERRUPT_NAME), e
             )
 
-    def _no_snapshot_reason(self, trainer: Any, exception: BaseException) -> str | None:
-        """Why this exception gets no snapshot (None: it does): only an interrupted ``fit`` does."""
-        if not self.save_on_exception:
-            return "(save_on_exception=False)"
-        fn = str(getattr(trainer.state.fn, "value", trainer.state.fn))
-        if fn != "fit":
-            return f"during {fn} (snapshots are for an interrupted fit)"
-        if trainer.sanity_checking or not self._training_started:
-            return "before training started"
-        if self._training_finished:
-            return "after training finished"
-        if isinstance(exception, (MonitorNotFoundError, *CONFIGURATION_ERRORS)):
-            return "(a configuration error, not an interruption)"
-        return None
-
-    def _warn_if_inexact(self, trainer: Any, preempted: bool) -> None:
-        if not self._mid_epoch(trainer):
+    def _warn_if_inexact(self, trainer: Any) -> None:
+        if not fit_state.mid_epoch(trainer):
             return
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed % trainer.accumulate_grad_batches
-        if done:
+        pending = fit_state.batches_since_optimizer_step(trainer)
+        if pending:
             log.warning(
                 "the snapshot is taken between two gradient-accumulation steps: the gradients of the last %d "
                 "batch(es) since the optimizer step are not in it, so the resumed run differs from an "
                 "uninterrupted one (preemption signals wait for the optimizer step instead)",
-                done,
+                pending,
             )
             return
         _, reason = self._fast_forward.plan(trainer)
@@ -519,19 +446,9 @@ class GenesisCheckpoint(_CheckpointBase):
     # ------------------------------------------------------------------------------------ helpers
     def _check_types(self, checkpoint: dict[str, Any], name: str) -> None:
         """At the first save of a fit: warn about objects weights-only loading would refuse on resume."""
-        if self._types_checked or self.trusted:
-            return
-        self._types_checked = True
-        refused = safe_types.refused_objects(checkpoint)
-        if refused:
-            log.warning(
-                "%s holds objects that weights-only loading refuses, so resuming from it will stop with "
-                "UnsafeCheckpointError: %s. Fix: store them as plain values (dict, list, str, numbers), a "
-                "pathlib path, numpy, omegaconf, or a dataclass or Enum (accepted when its module is imported "
-                "before loading); or resume with GenesisCheckpoint(trusted=True) if you trust the files.",
-                self.store.url_for(name),
-                "; ".join(refused),
-            )
+        if not (self._types_checked or self.trusted):
+            self._types_checked = True
+            safe_types.warn_refused(checkpoint, self.store.url_for(name))
 
     def _after_commit(self, record: CheckpointRecord) -> None:
         """Retention and snapshot retirement, only ever after a newer checkpoint has committed."""
@@ -551,51 +468,3 @@ class GenesisCheckpoint(_CheckpointBase):
                 self.store.delete(doomed)
             except OSError as e:  # the new checkpoint is committed; the old ones go at a later commit
                 log.warning("could not remove old checkpoints %s: %s", ", ".join(doomed), e)
-
-    @staticmethod
-    def _mid_epoch(trainer: Any) -> bool:
-        completed = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        return bool(0 < completed < trainer.num_training_batches)
-
-    @staticmethod
-    def _metrics(trainer: Any) -> dict[str, float]:
-        out = {}
-        for key, value in trainer.callback_metrics.items():
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    continue
-                value = value.item()
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[str(key)] = float(value)
-        return out
-
-    def _check_monitor(self, trainer: Any, *, final: bool) -> None:
-        """Raise the configuration error for a ``monitor`` that is not logged, as early as that is certain.
-
-        At the first validation end it is certain unless something can still log it later in the epoch
-        (``on_train_epoch_end`` of the module or of a callback); then the first epoch end decides.
-        """
-        known = set(self._metrics(trainer)) | _lightning.logged_metric_names(trainer)
-        if self.monitor in known:
-            self._monitor_checked = True
-            return
-        if final:
-            available = ", ".join(sorted(known)) or "none"
-            raise MonitorNotFoundError(
-                f"GenesisCheckpoint(monitor={self.monitor!r}) found no such logged metric. Available metrics: "
-                f"{available}. Log it with self.log({self.monitor!r}, ...) or change `monitor`."
-            )
-
-    def _monitored_value(self, metrics: Mapping[str, float]) -> float | None:
-        if self.monitor is None or self.monitor not in metrics:
-            return None
-        value = metrics[self.monitor]
-        return None if math.isnan(value) else value
-
-    @staticmethod
-    def _is_final_epoch(trainer: Any) -> bool:
-        max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
-            return True
-        max_steps = trainer.max_steps
-        return bool(trainer.should_stop or (max_steps is not None and 0 <= max_steps <= trainer.global_step))

@@ -8,9 +8,12 @@ Lightning's own CheckpointIO would open such a URL without them.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any
+
+import torch
 
 from ._lightning import LocalPathOpener, Resolved
 from .manifest import CheckpointRecord
@@ -213,3 +216,56 @@ class CheckpointPaths:
 
     def forget_loaded(self) -> None:
         self._loaded.clear()
+
+
+class ModelCheckpointAttributes:
+    """ModelCheckpoint's attributes with its meanings, read from the manifest (``paths``): correct after a
+    resume and in a new process. ``dirpath``, ``monitor``, ``mode`` and ``save_top_k`` are plain attributes
+    of the class that mixes this in."""
+
+    paths: CheckpointPaths
+    monitor: str | None
+    mode: Mode
+    last_saved: CheckpointRecord | None
+
+    @property
+    def resumed_from(self) -> CheckpointRecord | None:
+        """The record auto-resume restored from in the current ``fit``, if any."""
+        return self.paths.resumed_from
+
+    @property
+    def best_model_path(self) -> str:
+        """``best_model.pth`` (with a ``monitor``) or the newest rolling checkpoint (without); "" if none."""
+        return self.paths.url(self.paths.view().best)
+
+    @property
+    def best_model_score(self) -> torch.Tensor | None:
+        best = self.paths.view().best
+        value = None if best is None or self.monitor is None else best.metric()
+        return None if value is None else torch.tensor(value)
+
+    @property
+    def best_k_models(self) -> dict[str, torch.Tensor]:
+        """The ``save_top_k`` best checkpoints (at least 1) by ``monitor``: path or URL -> score."""
+        return {self.paths.url(r): torch.tensor(r.metric()) for r in self.paths.view().best_k}
+
+    @property
+    def kth_best_model_path(self) -> str:
+        return self.paths.url(self.paths.view().kth)
+
+    @property
+    def kth_value(self) -> torch.Tensor:
+        kth = self.paths.view().kth
+        value = None if kth is None else kth.metric()
+        return torch.tensor(value if value is not None else (math.inf if self.mode == "min" else -math.inf))
+
+    @property
+    def last_model_path(self) -> str:
+        """The newest checkpoint with a full training state (what auto-resume and ``ckpt_path="last"`` use)."""
+        return self.paths.url(self.paths.view().last)
+
+    @property
+    def current_score(self) -> torch.Tensor | None:
+        """The ``monitor`` value of the checkpoint committed last by this callback."""
+        value = None if self.last_saved is None else self.last_saved.metric()
+        return None if value is None else torch.tensor(value)

@@ -23,6 +23,7 @@ import dataclasses
 import enum
 import importlib
 import io
+import logging
 import pathlib
 import sys
 import typing
@@ -32,7 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["SafeGlobal", "allowed_globals", "refused_globals", "refused_objects", "resolve"]
+__all__ = ["SafeGlobal", "allowed_globals", "refused_globals", "refused_objects", "resolve", "warn_refused"]
+
+log = logging.getLogger(__name__)
 
 #: What ``torch.serialization.safe_globals`` takes: an object, or an object and the name a file uses for it.
 SafeGlobal = Callable[..., Any] | tuple[Callable[..., Any], str]
@@ -199,3 +202,18 @@ def refused_objects(checkpoint: Any, path: str = "checkpoint", limit: int = 10) 
 def _type_name(value: Any) -> str:
     cls = type(value)
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def warn_refused(checkpoint: Any, url: str) -> None:
+    """Log one warning naming each object in ``checkpoint`` (about to be saved to ``url``) that a default
+    resume would refuse, with the fix."""
+    refused = refused_objects(checkpoint)
+    if refused:
+        log.warning(
+            "%s holds objects that weights-only loading refuses, so resuming from it will stop with "
+            "UnsafeCheckpointError: %s. Fix: store them as plain values (dict, list, str, numbers), a pathlib "
+            "path, numpy, omegaconf, or a dataclass or Enum (accepted when its module is imported before "
+            "loading); or resume with GenesisCheckpoint(trusted=True) if you trust the files.",
+            url,
+            "; ".join(refused),
+        )
