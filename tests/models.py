@@ -88,8 +88,11 @@ def flavour(name: str = "pytorch_lightning") -> SimpleNamespace:
         ``val_batch=i`` sends it before validation batch ``i`` of that epoch instead.
         """
 
-        def __init__(self, epoch: int, batch: int, signum: int, val_batch: int | None = None) -> None:
+        def __init__(
+            self, epoch: int, batch: int, signum: int, val_batch: int | None = None, sanity: bool = False
+        ) -> None:
             self.epoch, self.batch, self.signum, self.val_batch = epoch, batch, signum, val_batch
+            self.sanity = sanity
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             if trainer.current_epoch == self.epoch and batch_idx == self.batch and self.val_batch is None:
@@ -97,7 +100,7 @@ def flavour(name: str = "pytorch_lightning") -> SimpleNamespace:
 
         def on_validation_batch_start(self, trainer: Any, pl_module: Any, *args: Any, **kw: Any) -> None:
             batch_idx = args[1] if len(args) > 1 else kw.get("batch_idx")
-            if (
+            if (self.sanity and trainer.sanity_checking) or (
                 not trainer.sanity_checking
                 and trainer.current_epoch == self.epoch
                 and batch_idx == self.val_batch

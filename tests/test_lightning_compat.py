@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import make_target
-from models import RaiseAt, TinyModel, loaders, make_trainer
+from models import BigModel, RaiseAt, SignalAt, TinyModel, loaders, make_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from test_callback import STEPS_PER_EPOCH, assert_bit_identical, fit, weights
 from torch.utils.data import DataLoader
@@ -271,3 +272,32 @@ def test_exception_between_accumulation_steps_is_not_silent(
         with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="injected"):
             trainer.fit(TinyModel(), train, val)
         assert ("between two gradient-accumulation steps" in caplog.text) is warned
+
+
+def test_sigterm_while_an_async_save_is_in_flight_and_during_the_sanity_check(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Real SIGTERMs in this process: the in-flight save commits, then the snapshot; the code is 143."""
+    d = str(tmp_path / "ck")
+    train, val = loaders()
+    pl.seed_everything(0)
+    cb = GenesisCheckpoint(d, async_save=True)
+    trainer = make_trainer([cb, SignalAt(epoch=1, batch=0, signum=signal.SIGTERM)], 3)
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as stopped:
+        trainer.fit(BigModel(ballast_mb=16), train, val)  # epoch 0's save is still being written at batch 0
+    assert stopped.value.code == 143
+    store = CheckpointStore(d)
+    assert {"checkpoint_epoch_0.pth", "interrupt_checkpoint.pth"} <= set(store.manifest().records)
+    assert store.manifest().get("interrupt_checkpoint.pth").global_step == STEPS_PER_EPOCH + 1
+    for name in store.manifest().records:
+        store.verify(name)
+
+    caplog.clear()
+    sanity = make_trainer(
+        [GenesisCheckpoint(d, auto_resume=False), SignalAt(0, 0, signal.SIGTERM, sanity=True)], 4
+    )
+    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit) as stopped:
+        sanity.fit(TinyModel(), train, val, ckpt_path=None)
+    assert stopped.value.code == 143
+    assert "before training started: no snapshot; the newest committed checkpoint is" in caplog.text
+    assert store.manifest(refresh=True).get("interrupt_checkpoint.pth").global_step == STEPS_PER_EPOCH + 1

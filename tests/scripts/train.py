@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--at-batch", type=int, default=3)
     p.add_argument("--at-val-batch", type=int, default=None, help="signal before this validation batch")
     p.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
-    p.add_argument("--preemption-signals", default="SIGTERM", help="comma-separated")
+    p.add_argument("--preemption-signals", default=None, help="comma-separated (default: the callback's)")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--flavour", choices=FLAVOURS, default="pytorch_lightning")
@@ -72,7 +72,7 @@ def main() -> None:
             args.dirpath,
             monitor="val_loss",
             storage_options=args.storage_options,
-            preemption_signals=args.preemption_signals.split(","),
+            **({"preemption_signals": args.preemption_signals.split(",")} if args.preemption_signals else {}),
         )
     ]
     if args.signal:
