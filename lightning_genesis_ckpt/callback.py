@@ -172,6 +172,7 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
             self._uninstall_resume_hook()
             self._uninstall_resume_hook = None
         self.paths.forget_loaded()
+        self.preemption.release()
         self.store.release_lock()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -252,7 +253,8 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         if trainer.sanity_checking or not self._training_started:
             return
         self.preemption.validation_ended(trainer)
-        if not self._monitor_checked and self.monitor is not None and trainer.is_global_zero:
+        # Every rank checks (the metric names are the same everywhere), so every rank raises together.
+        if not self._monitor_checked and self.monitor is not None:
             final = not _lightning.may_log_at_epoch_end(trainer, self)
             self._monitor_checked = fit_state.check_monitor(trainer, self.monitor, final=final)
 
@@ -271,10 +273,10 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         self._report_commit(trainer)
         epoch = trainer.current_epoch
         metrics = fit_state.scalar_metrics(trainer)
+        if not self._monitor_checked and self.monitor is not None:
+            self._monitor_checked = fit_state.check_monitor(trainer, self.monitor, final=True)
         decision: tuple[bool, bool] | None = None
         if trainer.is_global_zero:
-            if not self._monitor_checked and self.monitor is not None:
-                self._monitor_checked = fit_state.check_monitor(trainer, self.monitor, final=True)
             value = fit_state.monitored_value(self.monitor, metrics)
             best = self.store.manifest().get(BEST_NAME)
             improved = value is not None and is_better(value, best.metric() if best else None, self.mode)

@@ -82,6 +82,12 @@ class Preemption:
         self.signum = self.received_at = None
         self._count = 0
 
+    def release(self) -> None:
+        """Forget the trainer (its ``fit`` ended); what stopped it stays readable for the exit code."""
+        self._trainer = None
+        self._previous = {}
+        self._deferring = self._holding = False
+
     def take_over(self, trainer: Any, *, defer: bool) -> None:
         """Handle the signals from now on (called once Lightning registered its own handlers).
 
