@@ -307,6 +307,7 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
                 if due and improved:
                     self.store.copy(record.name, BEST_NAME, role="best")
                 self._after_commit(record)
+                self._unreported = record
                 self._report_commit(trainer)
             return
         if not trainer.is_global_zero:
