@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import logging
-import math
-import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from . import rng
+from . import _lightning, fit_state, rng, safe_types
 from ._lightning import (
     CHECKPOINT_BASES,
-    LocalPathOpener,
+    SIGTERM_EXCEPTIONS,
     check_compatibility,
     dump_checkpoint,
     install_resume_hook,
     writes_directory,
 )
 from .async_save import BackgroundSaver, SnapshotBuffers
-from .errors import MonitorNotFoundError
+from .ckpt_paths import CheckpointPaths, ModelCheckpointAttributes
+from .fastforward import FastForward
 from .manifest import BEST_NAME, INTERRUPT_NAME, CheckpointRecord, epoch_name
-from .reader import transfer_summary
-from .resume import Resolution, resolve
+from .preemption import Preemption, SignalSpec
 from .retention import EveryNEpochs, KeepBestK, KeepLastN, Mode, is_better, rolling_to_delete
 from .sharded import save_sharded
 from .store import CheckpointStore
@@ -36,27 +33,20 @@ else:
 
 log = logging.getLogger(__name__)
 
-_LIGHTNING_TRAINING_KEYS = ("state_dict", "loops", "optimizer_states", "lr_schedulers")
 
-
-def _validate_training_checkpoint(checkpoint: Any) -> str | None:
-    if not isinstance(checkpoint, dict):
-        return f"not a Lightning checkpoint (a {type(checkpoint).__name__}, not a dict)"
-    missing = [k for k in _LIGHTNING_TRAINING_KEYS if k not in checkpoint]
-    if missing:
-        return f"not a Lightning training checkpoint (missing {', '.join(missing)})"
-    return None
-
-
-class GenesisCheckpoint(_CheckpointBase):
+class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
     """Atomic, checksummed checkpoints on any fsspec URL, with exact auto-resume and interrupt snapshots.
 
     Files in ``dirpath``: ``checkpoint_epoch_{epoch}.pth`` (the newest ``keep_last`` are kept),
-    ``best_model.pth`` (best by ``monitor``/``mode``), ``interrupt_checkpoint.pth`` (Ctrl+C, SIGTERM or a
-    crash inside ``fit``), and ``genesis_manifest.json``. Every file is a standard Lightning checkpoint plus
-    the global RNG states, loadable with ``torch.load(weights_only=True)``.
+    ``best_model.pth`` (best by ``monitor``/``mode``), ``interrupt_checkpoint.pth`` (Ctrl+C, a preemption
+    signal or a crash inside ``fit``), and ``genesis_manifest.json``. Every file is a standard Lightning
+    checkpoint plus the global RNG states, loadable with ``torch.load(weights_only=True)``.
 
-    It works with ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer`` alike.
+    It works with ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer`` alike, and offers
+    ModelCheckpoint's attributes (``best_model_path``, ``best_model_score``, ``best_k_models``,
+    ``kth_best_model_path``, ``kth_value``, ``last_model_path``, ``current_score``, ``dirpath``): with it in
+    the callbacks, ``trainer.test(ckpt_path="best")`` / ``"last"`` / no ``ckpt_path`` load its files, and
+    loggers with ``log_model=True`` upload them.
 
     During ``fit`` the run holds ``genesis.lock`` in ``dirpath`` (see :mod:`lightning_genesis_ckpt.lock`): a
     second run on the same directory fails at setup with :class:`StoreLockedError`. A save that fails (disk
@@ -83,6 +73,11 @@ class GenesisCheckpoint(_CheckpointBase):
         trusted: allow resuming from files that need full pickle (custom classes in hparams). Only for files
             you trust: unpickling can run code.
         verbose: log one info line per save and resume. Warnings are always logged.
+        preemption_signals: signals that mean "this job is being preempted" (names or numbers, e.g.
+            ``("SIGTERM", "SIGUSR1")`` for SLURM's ``--signal=USR1@120``). ``fit`` stops at the next safe
+            point (after an optimizer step, never inside validation), commits the snapshot and exits.
+        preemption_exit_code: the exit code of a preempted process; None: ``128 + signal`` (143 for
+            SIGTERM), which schedulers read as "stopped by the signal, not finished".
     """
 
     def __init__(
@@ -100,57 +95,65 @@ class GenesisCheckpoint(_CheckpointBase):
         async_save: bool = False,
         trusted: bool = False,
         verbose: bool = True,
+        preemption_signals: Sequence[SignalSpec] = ("SIGTERM",),
+        preemption_exit_code: int | None = None,
     ) -> None:
         super().__init__()
-        if mode not in ("min", "max"):
-            raise ValueError(f"GenesisCheckpoint(mode={mode!r}) is invalid: use 'min' or 'max'")
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-            raise ValueError(
-                f"GenesisCheckpoint(keep_last={keep_last!r}) is invalid: keep at least 1 checkpoint"
-            )
-        if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < 0:
-            raise ValueError(
-                f"GenesisCheckpoint(save_top_k={save_top_k!r}) is invalid: use 0 or a positive int"
-            )
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 0:
-            raise ValueError(
-                f"GenesisCheckpoint(every_n_epochs={every_n_epochs!r}) is invalid: use 0 or a positive int"
-            )
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            raise ValueError(
-                f"GenesisCheckpoint(monitor={monitor!r}) is invalid: give a logged metric's name"
-            )
-        self.dirpath = str(dirpath)
+        fit_state.validate_settings(mode, keep_last, save_top_k, every_n_epochs, monitor)
         self.monitor = monitor
         self.mode: Mode = mode
+        self.save_top_k = save_top_k
         self.auto_resume = auto_resume
         self.async_save = async_save
         self.save_on_exception = save_on_exception
         self.trusted = trusted
         self.verbose = verbose
-        self.store = CheckpointStore(self.dirpath, storage_options, verbose=verbose)
+        self.store = CheckpointStore(str(dirpath), storage_options, verbose=verbose)
+        #: The checkpoint directory as ModelCheckpoint names it: an absolute local path, or the URL.
+        self.dirpath = self.store.root if self.store.local else self.store.url
         self.save_policy = EveryNEpochs(every_n_epochs)
         self.retention = (KeepLastN(keep_last), KeepBestK(save_top_k, monitor, mode))
-        #: The record auto-resume restored from in the current ``fit``, if any.
-        self.resumed_from: CheckpointRecord | None = None
+        self.paths = CheckpointPaths(self.store, monitor, mode, save_top_k, trusted)
+        self.preemption = Preemption(preemption_signals, preemption_exit_code)
         #: The most recent record this callback committed.
         self.last_saved: CheckpointRecord | None = None
         self._uninstall_resume_hook: Any = None
         self._saver = BackgroundSaver()
         self._snapshots = SnapshotBuffers()
+        self._fast_forward = FastForward()
+        self._restored: dict[str, Any] = {}
         self._training_started = False
-        self._validated = False
+        self._training_finished = False
+        self._monitor_checked = False
+        self._types_checked = False
+        self._unreported: CheckpointRecord | None = None
+        self._trainer_ref: weakref.ref[Any] | None = None
+        _lightning.install_ckpt_path_selection()
+
+    def select_ckpt_path(
+        self, trainer: Any, fn: str, ckpt_path: Any, model_provided: bool, model_connected: bool
+    ) -> tuple[bool, Any]:
+        """``ckpt_path="best"``/``"last"``/None for ``trainer.<fn>``: our files, whatever the callback order."""
+        return self.paths.select(trainer, fn, ckpt_path, model_provided, model_connected)
 
     # ------------------------------------------------------------------------------------ lifecycle
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        check_compatibility(trainer)
+        self.store.verbose = self.verbose and trainer.is_global_zero
+        # Every load of this trainer (auto-resume, ckpt_path="best"/"last", one of our files by name)
+        # goes through the store: verified, and with the storage_options a URL needs.
+        self._uninstall_resume_hook = install_resume_hook(
+            trainer, lambda path: self.paths.resolve_for_load(trainer, path, auto_resume=self.auto_resume)
+        )
         if stage != "fit":
             return
-        check_compatibility(trainer)
-        self.resumed_from = None
-        self._training_started = False
-        self._validated = False
+        self.paths.resumed_from = None
+        self.preemption.reset()
+        self._fast_forward = FastForward()
+        self._restored = {}
+        self._training_started = self._training_finished = False
+        self._monitor_checked = self._types_checked = False
         # Lightning's convention: info lines come from global rank 0 only (every rank loads on resume).
-        self.store.verbose = self.verbose and trainer.is_global_zero
         if trainer.is_global_zero:
             # Fail here, before any training step, rather than after the first epoch's work.
             self.store.ensure_writable()
@@ -163,115 +166,121 @@ class GenesisCheckpoint(_CheckpointBase):
             except BaseException:
                 self.store.release_lock()
                 raise
-        if self.auto_resume:
-            self._uninstall_resume_hook = install_resume_hook(trainer, lambda: self._resolve_resume(trainer))
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def _close(self) -> None:
         if self._uninstall_resume_hook is not None:
             self._uninstall_resume_hook()
             self._uninstall_resume_hook = None
-        self._finish_background_save(raise_errors=False)
+        self.paths.forget_loaded()
+        self.preemption.release()
         self.store.release_lock()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._finish_background_save(raise_errors=False)
+        self._close()
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._fast_forward.candidate()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         # The end of a successful fit: the last background save must have committed, or the user hears of it.
         self._saver.wait()
-
-    def _resolve_resume(self, trainer: Any) -> tuple[str, dict[str, Any] | LocalPathOpener] | None:
-        start = time.perf_counter()
-        if trainer.world_size > 1:
-            found = self._resolve_resume_distributed(trainer)
-        else:
-            found = resolve(self.store, trusted=self.trusted, validate=_validate_training_checkpoint)
-        if found.record is None:
-            return None
-        rec = found.record
-        self.resumed_from = rec
-        if self.verbose and trainer.is_global_zero:
-            elapsed = time.perf_counter() - start
-            log.info(
-                "resuming from %s (epoch %s, step %s; verified and loaded %s)",
-                self.store.url_for(rec.name),
-                rec.epoch,
-                rec.global_step,
-                transfer_summary(rec.size, elapsed),
-            )
-        if rec.is_directory:
-            return self.store.url_for(rec.name), lambda: self.store.local_copy(rec.name)
-        return self.store.url_for(rec.name), found.checkpoint
-
-    def _resolve_resume_distributed(self, trainer: Any) -> Resolution:
-        """Rank 0 chooses; every rank then loads that same file, checksum-verified.
-
-        One broadcast, reached by every rank at the same point of setup. Rank 0 always takes part in it, even
-        when its search fails, so no rank is left waiting: the failure is re-raised everywhere instead.
-        """
-        found = Resolution(record=None)
-        failure = None
-        if trainer.is_global_zero:
-            try:
-                found = resolve(self.store, trusted=self.trusted, validate=_validate_training_checkpoint)
-            except Exception as e:
-                failure = e
-        name, reason = trainer.strategy.broadcast(
-            (
-                found.record.name if found.record else None,
-                None if failure is None else f"{type(failure).__name__}: {failure}",
-            ),
-            src=0,
-        )
-        if failure is not None:
-            raise failure
-        if reason is not None:
-            raise RuntimeError(
-                f"rank 0 could not choose a checkpoint to resume from in {self.store.url}: {reason}"
-            )
-        if name is None or trainer.is_global_zero:
-            return found
-        try:
-            record = self.store.manifest(refresh=True).get(name)
-            if record is not None and record.is_directory:
-                return Resolution(record=record)  # the strategy loads it, on every rank (see the hook)
-            checkpoint = self.store.load(name, trusted=self.trusted)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(
-                f"rank {trainer.global_rank} cannot read {self.store.url_for(name)}, chosen by rank 0 for resuming: "
-                "with several nodes, dirpath must be storage that all nodes share (for example s3://...)"
-            ) from e
-        return Resolution(record=record, checkpoint=checkpoint)
+        self._report_commit(trainer)
 
     # ------------------------------------------------------------------------------ callback state
     def state_dict(self) -> dict[str, Any]:
         # Captured when the checkpoint dict is built, i.e. at the save point; restored during Lightning's
         # restore, before the resumed run's first dataloader iterator draws its shuffle seed.
-        return {"rng": rng.capture()}
+        state: dict[str, Any] = {"rng": rng.capture()}
+        trainer = self._trainer_ref() if self._trainer_ref is not None else None
+        if trainer is not None and self._training_started:
+            state["callback_metrics"] = _lightning.scalar_callback_metrics(trainer)
+            state["plateau_steps"] = _lightning.pending_plateau_steps(trainer)
+            if fit_state.mid_epoch(trainer):
+                plan, _ = self._fast_forward.plan(trainer)
+                if plan is not None:
+                    state["fast_forward"] = plan
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "rng" in state_dict:
             rng.restore(state_dict["rng"])
+            # The next train iterator may be made from exactly this state (a restart at an epoch boundary).
+            self._fast_forward.candidate()
+        # Applied at on_train_start, once Lightning has restored the optimizers and reset its metrics.
+        self._restored = dict(state_dict)
 
     # ---------------------------------------------------------------------------------- triggers
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._training_started = True
+    def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
+        self._fast_forward.candidate()
+        self.preemption.take_over(trainer, defer=False)  # nothing trained yet: stop at once
 
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if not trainer.sanity_checking:
-            self._validated = True
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._trainer_ref = weakref.ref(trainer)
+        self._training_started = True
+        self.preemption.take_over(trainer, defer=True)
+        restored, self._restored = self._restored, {}
+        if restored.get("callback_metrics"):
+            _lightning.restore_callback_metrics(trainer, restored["callback_metrics"])
+        if restored.get("plateau_steps"):
+            _lightning.step_plateau_schedulers(trainer, restored["plateau_steps"])
+        plan = restored.get("fast_forward")
+        if plan is not None:
+            reason = self._fast_forward.resume(trainer, plan)
+            if reason is not None:
+                log.warning("the resumed epoch cannot continue with the same batches: %s", reason)
+            rng.restore(restored["rng"])  # making the iterator again drew from the RNG
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._fast_forward.candidate()
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._saver.raise_if_failed()
+        if not self._saver.busy:
+            self._report_commit(trainer)
+        self._fast_forward.observe(trainer)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.preemption.after_train_batch(trainer)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._training_started and not trainer.sanity_checking:
+            self.preemption.validation_started(trainer)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or not self._training_started:
+            return
+        self.preemption.validation_ended(trainer)
+        # Every rank checks (the metric names are the same everywhere), so every rank raises together.
+        if not self._monitor_checked and self.monitor is not None:
+            final = not _lightning.may_log_at_epoch_end(trainer, self)
+            self._monitor_checked = fit_state.check_monitor(trainer, self.monitor, final=final)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._training_finished = True
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        try:
+            self._save_epoch(trainer)
+        finally:
+            self.preemption.epoch_ended(trainer)
+
+    def _save_epoch(self, trainer: Any) -> None:
         # The previous save must have committed before "is this the best?" is judged against the manifest.
         self._saver.wait()
+        self._report_commit(trainer)
         epoch = trainer.current_epoch
-        metrics = self._metrics(trainer)
+        metrics = fit_state.scalar_metrics(trainer)
+        if not self._monitor_checked and self.monitor is not None:
+            self._monitor_checked = fit_state.check_monitor(trainer, self.monitor, final=True)
         decision: tuple[bool, bool] | None = None
         if trainer.is_global_zero:
-            value = self._monitored_value(trainer, metrics)
+            value = fit_state.monitored_value(self.monitor, metrics)
             best = self.store.manifest().get(BEST_NAME)
             improved = value is not None and is_better(value, best.metric() if best else None, self.mode)
-            due = self.save_policy.should_save(epoch, self._is_final_epoch(trainer))
+            due = self.save_policy.should_save(epoch, fit_state.is_final_epoch(trainer))
             decision = (due, improved) if due or improved else None
         if trainer.world_size > 1:
             # Rank 0 decides for all: strategies that shard the model gather state inside dump_checkpoint,
@@ -298,15 +307,19 @@ class GenesisCheckpoint(_CheckpointBase):
                 if due and improved:
                     self.store.copy(record.name, BEST_NAME, role="best")
                 self._after_commit(record)
+                self._unreported = record
+                self._report_commit(trainer)
             return
         if not trainer.is_global_zero:
             return
+        self._check_types(checkpoint, epoch_name(epoch) if due else BEST_NAME)
         if self.async_save:
             snapshot = self._snapshots.snapshot(checkpoint)
             del checkpoint
             self._saver.submit(lambda: self._commit(snapshot, due, improved, fields))
         else:
             self._commit(checkpoint, due, improved, fields)
+            self._report_commit(trainer)
 
     def _commit(self, checkpoint: dict[str, Any], due: bool, improved: bool, fields: dict[str, Any]) -> None:
         """Write one checkpoint, update best_model.pth, then apply retention: in that order, always."""
@@ -318,6 +331,15 @@ class GenesisCheckpoint(_CheckpointBase):
             record = self.store.save(BEST_NAME, checkpoint, role="best", **fields)
         self.last_saved = record
         self._after_commit(record)
+        self._unreported = record  # loggers hear of it on the training thread (async saves run elsewhere)
+
+    def _report_commit(self, trainer: Any) -> None:
+        """``logger.after_save_checkpoint`` for a new commit, as ModelCheckpoint calls it (rank 0 only)."""
+        record, self._unreported = self._unreported, None
+        if record is None or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.after_save_checkpoint(weakref.proxy(self))
 
     def _finish_background_save(self, *, raise_errors: bool) -> None:
         try:
@@ -327,17 +349,38 @@ class GenesisCheckpoint(_CheckpointBase):
                 raise
             log.error("background checkpoint save failed: %s", e)
 
+    # ------------------------------------------------------------------------------ interruptions
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # A save in flight finishes (and commits) first; its failure must not hide the original exception.
         self._finish_background_save(raise_errors=False)
+        preempted = isinstance(exception, SIGTERM_EXCEPTIONS)
         # Lightning calls no teardown hook after an exception: the lock goes here, after the snapshot.
         try:
-            self._save_snapshot(trainer, exception)
+            self._save_snapshot(trainer, exception, preempted)
         finally:
-            self.store.release_lock()
+            self._close()
+            if preempted and isinstance(exception, SystemExit) and exception.code is None:
+                # SIGTERMException is a SystemExit without a code: the process would exit 0, "finished".
+                exception.code = self.preemption.exit_code()
 
-    def _save_snapshot(self, trainer: Any, exception: BaseException) -> None:
-        if not (self.save_on_exception and self._training_started):
+    def _save_snapshot(self, trainer: Any, exception: BaseException, preempted: bool) -> None:
+        what = self.preemption.describe() if preempted else type(exception).__name__
+        reason = fit_state.no_snapshot_reason(
+            trainer,
+            exception,
+            started=self._training_started,
+            finished=self._training_finished,
+            enabled=self.save_on_exception,
+        )
+        if reason is not None:
+            if preempted and trainer.is_global_zero:
+                newest = self.paths.view().last
+                log.warning(
+                    "stopped by %s %s: no snapshot; the newest committed checkpoint is %s",
+                    what,
+                    reason,
+                    self.store.url_for(newest.name) if newest else "none (nothing to resume from)",
+                )
             return
         sharded = writes_directory(trainer.strategy)
         if sharded and trainer.world_size > 1:
@@ -346,31 +389,35 @@ class GenesisCheckpoint(_CheckpointBase):
             log.warning(
                 "fit interrupted by %s: no snapshot, because a sharded checkpoint needs all %d ranks and they "
                 "cannot be gathered safely after an exception; the newest committed checkpoint is used to resume",
-                type(exception).__name__,
+                what,
                 trainer.world_size,
             )
             return
         if not trainer.is_global_zero:
             return
+        self._warn_if_inexact(trainer)
         fields = {
             "role": "interrupt",
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
-            "metrics": self._metrics(trainer),
+            "metrics": fit_state.scalar_metrics(trainer),
             "monitor": self.monitor,
         }
         try:
             checkpoint = dump_checkpoint(trainer)
+            self._check_types(checkpoint, INTERRUPT_NAME)
             if sharded:
                 self.last_saved = save_sharded(self.store, trainer, checkpoint, INTERRUPT_NAME, **fields)
             else:
                 self.last_saved = self.store.save(INTERRUPT_NAME, checkpoint, **fields)
+            elapsed = self.preemption.seconds_since_signal() if preempted else None
             log.warning(
-                "fit interrupted by %s: snapshot saved to %s (epoch %d, step %d); run again to resume",
-                type(exception).__name__,
+                "fit interrupted by %s: snapshot saved to %s (epoch %d, step %d)%s; run again to resume",
+                what,
                 self.store.url_for(INTERRUPT_NAME),
                 trainer.current_epoch,
                 trainer.global_step,
+                "" if elapsed is None else f", committed {elapsed:.2f} s after the signal",
             )
         except Exception as e:
             # The original exception is what the user must see; a failed snapshot must not replace it.
@@ -378,7 +425,34 @@ class GenesisCheckpoint(_CheckpointBase):
                 "could not save the interrupt snapshot to %s: %s", self.store.url_for(INTERRUPT_NAME), e
             )
 
+    def _warn_if_inexact(self, trainer: Any) -> None:
+        if not fit_state.mid_epoch(trainer):
+            return
+        pending = fit_state.batches_since_optimizer_step(trainer)
+        if pending:
+            log.warning(
+                "the snapshot is taken between two gradient-accumulation steps: the gradients of the last %d "
+                "batch(es) since the optimizer step are not in it, so the resumed run differs from an "
+                "uninterrupted one (preemption signals wait for the optimizer step instead)",
+                pending,
+            )
+            return
+        _, reason = self._fast_forward.plan(trainer)
+        if reason is not None:
+            log.warning(
+                "the snapshot is from the middle of epoch %d: the resumed run repeats no batch but reshuffles "
+                "the rest of that epoch, because %s",
+                trainer.current_epoch,
+                reason,
+            )
+
     # ------------------------------------------------------------------------------------ helpers
+    def _check_types(self, checkpoint: dict[str, Any], name: str) -> None:
+        """At the first save of a fit: warn about objects weights-only loading would refuse on resume."""
+        if not (self._types_checked or self.trusted):
+            self._types_checked = True
+            safe_types.warn_refused(checkpoint, self.store.url_for(name))
+
     def _after_commit(self, record: CheckpointRecord) -> None:
         """Retention and snapshot retirement, only ever after a newer checkpoint has committed."""
         records = self.store.records()
@@ -397,39 +471,3 @@ class GenesisCheckpoint(_CheckpointBase):
                 self.store.delete(doomed)
             except OSError as e:  # the new checkpoint is committed; the old ones go at a later commit
                 log.warning("could not remove old checkpoints %s: %s", ", ".join(doomed), e)
-
-    @staticmethod
-    def _metrics(trainer: Any) -> dict[str, float]:
-        out = {}
-        for key, value in trainer.callback_metrics.items():
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    continue
-                value = value.item()
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[str(key)] = float(value)
-        return out
-
-    def _monitored_value(self, trainer: Any, metrics: Mapping[str, float]) -> float | None:
-        if self.monitor is None:
-            return None
-        if self.monitor in metrics:
-            value = metrics[self.monitor]
-            return None if math.isnan(value) else value
-        # A validation metric does not exist before the first validation run: only complain once it
-        # should have been logged.
-        if self._validated or not trainer.enable_validation:
-            available = ", ".join(sorted(metrics)) or "none"
-            raise MonitorNotFoundError(
-                f"GenesisCheckpoint(monitor={self.monitor!r}) found no such logged metric. Available metrics: "
-                f"{available}. Log it with self.log({self.monitor!r}, ...) or change `monitor`."
-            )
-        return None
-
-    @staticmethod
-    def _is_final_epoch(trainer: Any) -> bool:
-        max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
-            return True
-        max_steps = trainer.max_steps
-        return bool(trainer.should_stop or (max_steps is not None and 0 <= max_steps <= trainer.global_step))

@@ -126,6 +126,13 @@ def _instantiate(
         if kwargs is None and isinstance(checkpoint, Mapping):
             # What LightningModule.load_from_checkpoint does with save_hyperparameters() checkpoints.
             hparams = checkpoint.get("hyper_parameters")
+            if isinstance(hparams, Mapping) and any(c.__name__ == "LightningModule" for c in model.__mro__):
+                # LightningCLI's _instantiator/_class_path, dropped arguments: Lightning's own rules. (Lightning
+                # is imported already: the class is a LightningModule.)
+                from ._lightning import instantiate_from_hparams
+
+                module: nn.Module = instantiate_from_hparams(model, dict(hparams))
+                return module
             kwargs = hparams if isinstance(hparams, Mapping) else None
         return model(**dict(kwargs or {}))
     raise TypeError(f"model= must be an nn.Module class or instance, got {model!r}")

@@ -16,6 +16,7 @@ from typing import IO, Any, Literal
 
 import torch
 
+from . import safe_types
 from .errors import CheckpointCorruptError, UnsafeCheckpointError
 
 Serializer = Literal["torch", "dill"]
@@ -181,7 +182,10 @@ def _is_unsafe_error(exc: BaseException) -> bool:
     # torch's weights-only unpickler reports a forbidden class or callable as "Unsupported global".
     text = str(exc)
     return isinstance(exc, pickle.UnpicklingError) and (
-        "Unsupported global" in text or "GLOBAL" in text or "not an allowed global" in text
+        "Unsupported global" in text
+        or "GLOBAL" in text
+        or "not an allowed global" in text
+        or "Can only build" in text  # an object of a class that is not allowed, built by the file
     )
 
 
@@ -244,8 +248,12 @@ def load(
         kwargs["pickle_module"] = dill
     if mmap:
         kwargs["mmap"] = True
+    # Weights-only loading also accepts the known-safe types of hyperparameters (paths, numpy, omegaconf,
+    # imported dataclasses and enums): see safe_types. Nothing else, and nothing is imported for them.
+    allowed = [] if trusted else safe_types.allowed_globals(source)
     try:
-        return torch.load(source, **kwargs)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(source, **kwargs)
     except (UnsafeCheckpointError, CheckpointCorruptError):
         raise
     except Exception as e:
@@ -265,7 +273,12 @@ def _unsafe_detail(exc: BaseException) -> str:
     if m is None:
         return _first_line(exc)
     name = m.group(1)
-    return f"it references {name}" + (", i.e. it was saved with dill" if name.startswith("dill.") else "")
+    if name.startswith("dill."):
+        return f"it references {name}, i.e. it was saved with dill"
+    # A dataclass or enum is allowed once its class is imported: say so, it is the usual fix.
+    return (
+        f"it references {name} (a dataclass or enum is accepted once its module is imported before loading)"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

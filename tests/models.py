@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 FLAVOURS = ("pytorch_lightning", "lightning.pytorch")
-SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
+SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGUSR1": signal.SIGUSR1}
 
 
 def make_data(n: int = 256, width: int = 16, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
@@ -69,12 +69,12 @@ def flavour(name: str = "pytorch_lightning") -> SimpleNamespace:
             return {"optimizer": opt, "lr_scheduler": sched}
 
     def make_trainer(callbacks: list[Any], max_epochs: int, **kw: Any) -> Any:
+        kw.setdefault("logger", False)
         return pl.Trainer(
             max_epochs=max_epochs,
             accelerator="cpu",
             devices=1,
             callbacks=callbacks,
-            logger=False,
             enable_progress_bar=False,
             enable_model_summary=False,
             deterministic=True,
@@ -84,14 +84,27 @@ def flavour(name: str = "pytorch_lightning") -> SimpleNamespace:
     class SignalAt(pl.Callback):
         """Sends ``signum`` to this process at (epoch, batch): a real signal through the real handlers.
 
-        ``batch=-1`` sends it at the end of the epoch instead, once its last batch is done.
+        ``batch=-1`` sends it at the end of the epoch instead, once its last batch is done;
+        ``val_batch=i`` sends it before validation batch ``i`` of that epoch instead.
         """
 
-        def __init__(self, epoch: int, batch: int, signum: int) -> None:
-            self.epoch, self.batch, self.signum = epoch, batch, signum
+        def __init__(
+            self, epoch: int, batch: int, signum: int, val_batch: int | None = None, sanity: bool = False
+        ) -> None:
+            self.epoch, self.batch, self.signum, self.val_batch = epoch, batch, signum, val_batch
+            self.sanity = sanity
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            if trainer.current_epoch == self.epoch and batch_idx == self.batch and self.val_batch is None:
+                os.kill(os.getpid(), self.signum)
+
+        def on_validation_batch_start(self, trainer: Any, pl_module: Any, *args: Any, **kw: Any) -> None:
+            batch_idx = args[1] if len(args) > 1 else kw.get("batch_idx")
+            if (self.sanity and trainer.sanity_checking) or (
+                not trainer.sanity_checking
+                and trainer.current_epoch == self.epoch
+                and batch_idx == self.val_batch
+            ):
                 os.kill(os.getpid(), self.signum)
 
         def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:

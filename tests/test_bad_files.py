@@ -26,7 +26,7 @@ from lightning_genesis_ckpt import (
     ManifestError,
     resolve,
 )
-from lightning_genesis_ckpt.callback import _validate_training_checkpoint
+from lightning_genesis_ckpt.ckpt_paths import validate_training_checkpoint
 from lightning_genesis_ckpt.manifest import LOCK_NAME, MANIFEST_NAME
 
 
@@ -82,7 +82,7 @@ def test_damaged_newest_is_skipped_and_the_previous_one_loaded(
     with pytest.raises(CheckpointCorruptError, match=r"checkpoint_epoch_1\.pth"):
         store.load("checkpoint_epoch_1.pth")  # listed: the checksum catches every kind
     with caplog.at_level(logging.WARNING):
-        found = resolve(store_url.store(), validate=_validate_training_checkpoint)
+        found = resolve(store_url.store(), validate=validate_training_checkpoint)
     assert found.record is not None and found.record.name == "checkpoint_epoch_0.pth"
     assert torch.equal(found.checkpoint["state_dict"]["w"], torch.full((500,), 1.0))
     assert [n for n, _ in found.skipped] == ["checkpoint_epoch_1.pth"]
@@ -138,7 +138,7 @@ def test_unusable_manifest_is_rebuilt_with_a_warning(
         records = fresh.manifest().records
     assert "rebuilding it from the checkpoint files" in caplog.text and MANIFEST_NAME in caplog.text
     assert sorted(records) == ["checkpoint_epoch_0.pth", "checkpoint_epoch_1.pth"]
-    found = resolve(fresh, validate=_validate_training_checkpoint)
+    found = resolve(fresh, validate=validate_training_checkpoint)
     assert found.record is not None and found.record.name == "checkpoint_epoch_1.pth"
 
 
@@ -165,5 +165,5 @@ def test_corrupt_everything_resumes_nothing_and_loads_nothing() -> None:
     store = store_with_two(url)
     for name in ("checkpoint_epoch_0.pth", "checkpoint_epoch_1.pth"):
         store.fs.pipe_file(store.path(name), os.urandom(1000))
-    found = resolve(CheckpointStore(url), validate=_validate_training_checkpoint)
+    found = resolve(CheckpointStore(url), validate=validate_training_checkpoint)
     assert found.record is None and found.checkpoint is None and len(found.skipped) == 2

@@ -27,6 +27,7 @@ def fit(
     extra: list[pl.Callback] | None = None,
     ckpt_path: str | None = None,
     lightning: str = "pytorch_lightning",
+    trainer_kwargs: dict[str, Any] | None = None,
     **cb_kwargs: Any,
 ):
     if isinstance(dirpath, StoreTarget):
@@ -37,7 +38,7 @@ def fit(
     model = model or f.TinyModel()
     train, val = loaders()
     cb = GenesisCheckpoint(dirpath, **cb_kwargs)
-    trainer = f.make_trainer([cb, *(extra or [])], epochs)
+    trainer = f.make_trainer([cb, *(extra or [])], epochs, **(trainer_kwargs or {}))
     trainer.fit(model, train, val, ckpt_path=ckpt_path)
     return model, trainer, cb
 

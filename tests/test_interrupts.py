@@ -28,8 +28,9 @@ def test_interrupt_mid_epoch_snapshot_then_resume(
     trigger = ["--raise-at"] if how == "exception" else ["--signal", how]
     trigger += ["--flavour", lightning]
     first = train(d, "--epochs", "4", *trigger, "--at-epoch", "2", "--at-batch", "5", check=False)
-    # Lightning turns SIGTERM into SIGTERMException, a SystemExit without a code: that process exits 0.
-    assert first.returncode != 0 or how == "SIGTERM", first.stdout + first.stderr
+    # SIGTERM: 128 + 15, what schedulers read as "preempted" (Lightning alone exits 0 there); Ctrl+C and a
+    # crash exit 1.
+    assert first.returncode == (143 if how == "SIGTERM" else 1), first.stdout + first.stderr
     assert "RESULT:" not in first.stdout, "fit must not have returned normally"
     assert "snapshot saved" in first.stderr
     assert f"{d.store().url_for('interrupt_checkpoint.pth')} (epoch 2" in first.stderr

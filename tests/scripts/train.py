@@ -50,6 +50,9 @@ def main() -> None:
     p.add_argument("--raise-at", action="store_true")
     p.add_argument("--at-epoch", type=int, default=1)
     p.add_argument("--at-batch", type=int, default=3)
+    p.add_argument("--at-val-batch", type=int, default=None, help="signal before this validation batch")
+    p.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
+    p.add_argument("--preemption-signals", default=None, help="comma-separated (default: the callback's)")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--flavour", choices=FLAVOURS, default="pytorch_lightning")
@@ -65,13 +68,18 @@ def main() -> None:
     model = f.TinyModel(hidden=args.hidden, width=args.width)
     train, val = loaders(width=args.width)
     callbacks: list[Any] = [
-        GenesisCheckpoint(args.dirpath, monitor="val_loss", storage_options=args.storage_options)
+        GenesisCheckpoint(
+            args.dirpath,
+            monitor="val_loss",
+            storage_options=args.storage_options,
+            **({"preemption_signals": args.preemption_signals.split(",")} if args.preemption_signals else {}),
+        )
     ]
     if args.signal:
-        callbacks.append(f.SignalAt(args.at_epoch, args.at_batch, SIGNALS[args.signal]))
+        callbacks.append(f.SignalAt(args.at_epoch, args.at_batch, SIGNALS[args.signal], args.at_val_batch))
     if args.raise_at:
         callbacks.append(f.RaiseAt(args.at_epoch, args.at_batch))
-    trainer = f.make_trainer(callbacks, args.epochs)
+    trainer = f.make_trainer(callbacks, args.epochs, accumulate_grad_batches=args.accumulate)
     trainer.fit(model, train, val)
     ckpt = callbacks[0]
     assert isinstance(ckpt, GenesisCheckpoint)
