@@ -7,7 +7,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import _lightning, fit_state, rng, safe_types
+from . import _lightning, commits, fit_state, rng, safe_types
 from ._lightning import (
     CHECKPOINT_BASES,
     SIGTERM_EXCEPTIONS,
@@ -18,10 +18,13 @@ from ._lightning import (
 )
 from .async_save import BackgroundSaver, SnapshotBuffers
 from .ckpt_paths import CheckpointPaths, ModelCheckpointAttributes
+from .commits import EpochDecision
 from .fastforward import FastForward
-from .manifest import BEST_NAME, INTERRUPT_NAME, CheckpointRecord, epoch_name
+from .names import INTERRUPT_NAME
 from .preemption import Preemption, SignalSpec
-from .retention import EveryNEpochs, KeepBestK, KeepLastN, Mode, is_better, rolling_to_delete
+from .preservation import AnyOf, BestN, LatestN, Mode, PreservationPolicy
+from .records import CheckpointRecord
+from .save_decision import EpochInterval
 from .sharded import save_sharded
 from .store import CheckpointStore
 
@@ -59,6 +62,10 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         save_top_k: rolling checkpoints of the ``k`` best epochs by ``monitor`` are protected from rolling
             deletion (0: no protection).
         keep_last: how many of the newest rolling checkpoints to keep (at least 1).
+        preserve: a preservation policy instead of ``keep_last`` and ``save_top_k``, e.g.
+            ``AnyOf(LatestN(3), BestN(1, "val_loss"), EveryNSteps(10_000))`` (see
+            :mod:`lightning_genesis_ckpt.preservation`); the same rules ``CheckpointManager`` and
+            ``genesis-ckpt prune`` apply.
         every_n_epochs: save a rolling checkpoint every n epochs (and always after the final epoch);
             0 saves only the final epoch (``best_model.pth`` is still kept up to date).
         auto_resume: ``trainer.fit(model)`` without ``ckpt_path`` resumes from the newest valid checkpoint
@@ -97,6 +104,7 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         verbose: bool = True,
         preemption_signals: Sequence[SignalSpec] = ("SIGTERM",),
         preemption_exit_code: int | None = None,
+        preserve: PreservationPolicy | None = None,
     ) -> None:
         super().__init__()
         fit_state.validate_settings(mode, keep_last, save_top_k, every_n_epochs, monitor)
@@ -111,8 +119,9 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         self.store = CheckpointStore(str(dirpath), storage_options, verbose=verbose)
         #: The checkpoint directory as ModelCheckpoint names it: an absolute local path, or the URL.
         self.dirpath = self.store.root if self.store.local else self.store.url
-        self.save_policy = EveryNEpochs(every_n_epochs)
-        self.retention = (KeepLastN(keep_last), KeepBestK(save_top_k, monitor, mode))
+        self.save_policy = EpochInterval(every_n_epochs)
+        kept_best = (BestN(save_top_k, monitor, mode),) if monitor is not None else ()
+        self.preserve: PreservationPolicy = preserve or AnyOf(LatestN(keep_last), *kept_best)
         self.paths = CheckpointPaths(self.store, monitor, mode, save_top_k, trusted)
         self.preemption = Preemption(preemption_signals, preemption_exit_code)
         #: The most recent record this callback committed.
@@ -155,17 +164,10 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         self._monitor_checked = self._types_checked = False
         # Lightning's convention: info lines come from global rank 0 only (every rank loads on resume).
         if trainer.is_global_zero:
-            # Fail here, before any training step, rather than after the first epoch's work.
+            # Fail here, before any training step, rather than after the first epoch's work. Taking the lock
+            # also settles what a killed writer left (only the holder may: it cannot be a live one's files).
             self.store.ensure_writable()
             self.store.acquire_lock()
-            try:
-                # Only the lock holder may clean up after a killed writer: it cannot be a live one's files.
-                self.store.sweep_temp()
-                self.store.manifest(refresh=True)
-                self.store.finish_deletions()
-            except BaseException:
-                self.store.release_lock()
-                raise
 
     def _close(self) -> None:
         if self._uninstall_resume_hook is not None:
@@ -275,20 +277,22 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         metrics = fit_state.scalar_metrics(trainer)
         if not self._monitor_checked and self.monitor is not None:
             self._monitor_checked = fit_state.check_monitor(trainer, self.monitor, final=True)
-        decision: tuple[bool, bool] | None = None
-        if trainer.is_global_zero:
-            value = fit_state.monitored_value(self.monitor, metrics)
-            best = self.store.manifest().get(BEST_NAME)
-            improved = value is not None and is_better(value, best.metric() if best else None, self.mode)
-            due = self.save_policy.should_save(epoch, fit_state.is_final_epoch(trainer))
-            decision = (due, improved) if due or improved else None
-        if trainer.world_size > 1:
-            # Rank 0 decides for all: strategies that shard the model gather state inside dump_checkpoint,
-            # which every rank must then join. (Only rank 0 reads the manifest or writes anything.)
-            decision = trainer.strategy.broadcast(decision, src=0)
+        value = fit_state.monitored_value(self.monitor, metrics)
+        decision = commits.decide_everywhere(
+            trainer,
+            lambda: commits.decide(
+                self.store,
+                self.save_policy,
+                self.monitor,
+                self.mode,
+                value,
+                epoch,
+                trainer.global_step,
+                fit_state.is_final_epoch(trainer),
+            ),
+        )
         if decision is None:
             return
-        due, improved = decision
         checkpoint = dump_checkpoint(trainer)
         fields = {
             "epoch": epoch,
@@ -298,39 +302,37 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         }
         if writes_directory(trainer.strategy):
             # Sharded state: every rank writes its shard through the strategy, synchronously.
-            name = epoch_name(epoch) if due else BEST_NAME
             record = save_sharded(
-                self.store, trainer, checkpoint, name, role="epoch" if due else "best", **fields
+                self.store,
+                trainer,
+                checkpoint,
+                decision.name(epoch),
+                role=decision.role,
+                then=lambda tx, rec: commits.finish(tx, rec, decision, self.preserve, self.resumed_from),
+                **fields,
             )
             if record is not None:
                 self.last_saved = record
-                if due and improved:
-                    self.store.copy(record.name, BEST_NAME, role="best")
-                self._after_commit(record)
                 self._unreported = record
                 self._report_commit(trainer)
             return
         if not trainer.is_global_zero:
             return
-        self._check_types(checkpoint, epoch_name(epoch) if due else BEST_NAME)
+        self._check_types(checkpoint, decision.name(epoch))
         if self.async_save:
             snapshot = self._snapshots.snapshot(checkpoint)
             del checkpoint
-            self._saver.submit(lambda: self._commit(snapshot, due, improved, fields))
+            self._saver.submit(lambda: self._commit(snapshot, decision, fields))
         else:
-            self._commit(checkpoint, due, improved, fields)
+            self._commit(checkpoint, decision, fields)
             self._report_commit(trainer)
 
-    def _commit(self, checkpoint: dict[str, Any], due: bool, improved: bool, fields: dict[str, Any]) -> None:
-        """Write one checkpoint, update best_model.pth, then apply retention: in that order, always."""
-        if due:
-            record = self.store.save(epoch_name(fields["epoch"]), checkpoint, role="epoch", **fields)
-            if improved:
-                self.store.copy(record.name, BEST_NAME, role="best")
-        else:
-            record = self.store.save(BEST_NAME, checkpoint, role="best", **fields)
+    def _commit(self, checkpoint: dict[str, Any], decision: EpochDecision, fields: dict[str, Any]) -> None:
+        """The epoch's checkpoint, best_model.pth and retention, as one transaction (see :mod:`.commits`)."""
+        record = commits.commit_epoch(
+            self.store, checkpoint, decision, fields, self.preserve, self.resumed_from
+        )
         self.last_saved = record
-        self._after_commit(record)
         self._unreported = record  # loggers hear of it on the training thread (async saves run elsewhere)
 
     def _report_commit(self, trainer: Any) -> None:
@@ -452,22 +454,3 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         if not (self._types_checked or self.trusted):
             self._types_checked = True
             safe_types.warn_refused(checkpoint, self.store.url_for(name))
-
-    def _after_commit(self, record: CheckpointRecord) -> None:
-        """Retention and snapshot retirement, only ever after a newer checkpoint has committed."""
-        records = self.store.records()
-        # Never the checkpoint just committed (an explicit ckpt_path can resume from an epoch older than those
-        # kept), nor the one this run resumed from until a checkpoint with more training has committed.
-        protect = {record.name}
-        src = self.resumed_from
-        if src is not None and (record.global_step or 0) <= (src.global_step or 0):
-            protect.add(src.name)
-        doomed = rolling_to_delete(records, self.retention, protect)
-        snapshot = self.store.manifest().get(INTERRUPT_NAME)
-        if snapshot is not None and (snapshot.global_step or 0) <= (record.global_step or 0):
-            doomed.append(INTERRUPT_NAME)
-        if doomed:
-            try:
-                self.store.delete(doomed)
-            except OSError as e:  # the new checkpoint is committed; the old ones go at a later commit
-                log.warning("could not remove old checkpoints %s: %s", ", ".join(doomed), e)

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from typing import Any
 
 import torch
 
+from . import distributed
 from ._lightning import LocalPathOpener, Resolved
-from .manifest import CheckpointRecord
+from .preservation import Mode
 from .reader import transfer_summary
+from .records import CheckpointRecord
 from .resume import Resolution, resolve
-from .retention import Mode
 from .store import CheckpointStore
 from .surface import CheckpointView, view
 
@@ -122,15 +122,8 @@ class CheckpointPaths:
     # --------------------------------------------------------------------------------- loading
     def record_named_by(self, path: str) -> CheckpointRecord | None:
         """The committed record that ``path`` (a URL or local path) names in this store, if any."""
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        record = self.store.manifest().get(name)
-        if record is None:
-            return None
-        if self.store.local and "://" not in path:
-            same = os.path.realpath(path) == os.path.realpath(self.store.path(name))
-        else:
-            same = self.store.fs._strip_protocol(path).rstrip("/") == self.store.path(name)
-        return record if same else None
+        name = self.store.name_of(path)
+        return None if name is None else self.store.manifest().get(name)
 
     def resolve_for_load(self, trainer: Any, path: str | None, *, auto_resume: bool) -> Resolved:
         """The resume hook's answer (see :func:`lightning_genesis_ckpt._lightning.install_resume_hook`)."""
@@ -175,31 +168,16 @@ class CheckpointPaths:
         return self.store.url_for(rec.name), found.checkpoint
 
     def _resolve_distributed(self, trainer: Any) -> Resolution:
-        """Rank 0 chooses; every rank then loads that same file, checksum-verified.
-
-        One broadcast, reached by every rank at the same point of setup. Rank 0 always takes part in it, even
-        when its search fails, so no rank is left waiting: the failure is re-raised everywhere instead.
-        """
+        """Rank 0 chooses (its result, or its error, reaches every rank: :mod:`.distributed`); every rank then
+        loads that same file, checksum-verified."""
         found = Resolution(record=None)
-        failure = None
-        if trainer.is_global_zero:
-            try:
-                found = resolve(self.store, trusted=self.trusted, validate=validate_training_checkpoint)
-            except Exception as e:
-                failure = e
-        name, reason = trainer.strategy.broadcast(
-            (
-                found.record.name if found.record else None,
-                None if failure is None else f"{type(failure).__name__}: {failure}",
-            ),
-            src=0,
-        )
-        if failure is not None:
-            raise failure
-        if reason is not None:
-            raise RuntimeError(
-                f"rank 0 could not choose a checkpoint to resume from in {self.store.url}: {reason}"
-            )
+
+        def choose() -> str | None:
+            nonlocal found
+            found = resolve(self.store, trusted=self.trusted, validate=validate_training_checkpoint)
+            return None if found.record is None else found.record.name
+
+        name = distributed.on_rank_zero(trainer.strategy, trainer.is_global_zero, trainer.world_size, choose)
         if name is None or trainer.is_global_zero:
             return found
         try:
@@ -209,8 +187,8 @@ class CheckpointPaths:
             checkpoint = self.store.load(name, trusted=self.trusted)
         except FileNotFoundError as e:
             raise FileNotFoundError(
-                f"rank {trainer.global_rank} cannot read {self.store.url_for(name)}, chosen by rank 0 for resuming: "
-                "with several nodes, dirpath must be storage that all nodes share (for example s3://...)"
+                f"rank {trainer.global_rank} cannot read {self.store.url_for(name)}, chosen by rank 0 for "
+                "resuming: with several nodes, dirpath must be storage that all nodes share (for example s3://...)"
             ) from e
         return Resolution(record=record, checkpoint=checkpoint)
 

@@ -114,6 +114,20 @@ class StoreReader:
         path = self.path(name)
         return path if self.local else self.fs.unstrip_protocol(path)
 
+    def name_of(self, path: str) -> str | None:
+        """The name in this directory that ``path`` (a local path or a URL, as Lightning passes it) names, if
+        it names one."""
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            mine = self.path(name)
+        except ValueError:
+            return None
+        if self.local and "://" not in path:
+            import os
+
+            return name if os.path.realpath(path) == os.path.realpath(mine) else None
+        return name if self.fs._strip_protocol(path).rstrip("/") == mine else None
+
     @property
     def manifest_path(self) -> str:
         return self.path(MANIFEST_NAME)

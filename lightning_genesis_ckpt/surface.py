@@ -11,12 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .manifest import BEST_NAME, CheckpointRecord
-from .resume import most_steps_first
-from .retention import Mode, rank_by_metric
-
-#: Roles that hold a full training state (what ``ckpt_path="last"`` and auto-resume choose from).
-TRAINING_ROLES = ("epoch", "interrupt", "best")
+from .names import BEST_NAME, RESUMABLE_ROLES, ROLLING_ROLES
+from .ordering import most_steps_first
+from .preservation import Mode, rank_by_metric
+from .records import CheckpointRecord
 
 
 @dataclass(frozen=True)
@@ -45,9 +43,9 @@ def view(records: Iterable[CheckpointRecord], monitor: str | None, mode: Mode, k
     * ``last``: the newest training state (most optimizer steps; what auto-resume tries first).
     """
     records = list(records)
-    training = [r for r in records if r.role in TRAINING_ROLES]
+    training = [r for r in records if r.role in RESUMABLE_ROLES]
     last = max(training, key=most_steps_first, default=None)
-    rolling = [r for r in records if r.role == "epoch"]
+    rolling = [r for r in records if r.role in ROLLING_ROLES]
     if monitor is None:
         return CheckpointView(best=max(rolling, key=most_steps_first, default=None), last=last)
     best = next((r for r in records if r.name == BEST_NAME and r.metric() is not None), None)
