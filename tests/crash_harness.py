@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 
-from lightning_genesis_ckpt import CheckpointStore, ManifestError, resolve
-from lightning_genesis_ckpt._faults import ENV, POINTS
-from lightning_genesis_ckpt.atomicity import is_temp_name
-from lightning_genesis_ckpt.manifest import MANIFEST_NAME, Manifest
+from lightning_genesis_ckpt import CheckpointStore, ManifestError
+from lightning_genesis_ckpt.core.manifest import Manifest
+from lightning_genesis_ckpt.core.names import MANIFEST_NAME, is_temp_name
+from lightning_genesis_ckpt.storage._faults import ENV, POINTS
+from lightning_genesis_ckpt.storage.resume import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "scripts" / "crash_worker.py"

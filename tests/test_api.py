@@ -19,9 +19,9 @@ from torch import nn
 
 import lightning_genesis_ckpt as genesis
 from lightning_genesis_ckpt import CheckpointCorruptError, UnsafeCheckpointError
-from lightning_genesis_ckpt.api import BACKUP_SUFFIX, file_store, save_into
-from lightning_genesis_ckpt.atomicity import TMP_PREFIX, RenameCommit
-from lightning_genesis_ckpt.manifest import MANIFEST_NAME
+from lightning_genesis_ckpt.api.functional import file_store, save_into
+from lightning_genesis_ckpt.core.names import BACKUP_SUFFIX, MANIFEST_NAME, TMP_PREFIX
+from lightning_genesis_ckpt.storage.atomicity import RenameCommit
 
 
 def model_state(seed: int) -> dict[str, torch.Tensor]:

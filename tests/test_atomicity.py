@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_genesis_ckpt.atomicity import TMP_PREFIX, RenameCommit
+from lightning_genesis_ckpt.core.names import TMP_PREFIX
+from lightning_genesis_ckpt.storage.atomicity import RenameCommit
 
 
 class Recording(RenameCommit):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_genesis_ckpt import CheckpointStore
-from lightning_genesis_ckpt.manifest import epoch_name
+from lightning_genesis_ckpt.core.names import epoch_name
 
 ROOT = Path(__file__).resolve().parent.parent
 

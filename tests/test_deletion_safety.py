@@ -16,8 +16,7 @@ from models import RaiseAt, TinyModel
 from test_callback import ScriptedScore, fit
 
 from lightning_genesis_ckpt import CheckpointStore
-from lightning_genesis_ckpt.atomicity import TMP_PREFIX
-from lightning_genesis_ckpt.manifest import MANIFEST_NAME
+from lightning_genesis_ckpt.core.names import MANIFEST_NAME, TMP_PREFIX
 
 
 @pytest.fixture

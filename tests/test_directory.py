@@ -12,10 +12,10 @@ import pytest
 from conformance.test_store import ManifestWriteFails, SimulatedCrash, raw_bytes
 from conftest import StoreTarget
 
-from lightning_genesis_ckpt import CheckpointCorruptError, CheckpointStore, resolve
-from lightning_genesis_ckpt.atomicity import TMP_PREFIX
-from lightning_genesis_ckpt.manifest import MANIFEST_NAME, Manifest
-from lightning_genesis_ckpt.names import DIRECTORY_RECORD
+from lightning_genesis_ckpt import CheckpointCorruptError, CheckpointStore
+from lightning_genesis_ckpt.core.manifest import Manifest
+from lightning_genesis_ckpt.core.names import DIRECTORY_RECORD, MANIFEST_NAME, TMP_PREFIX
+from lightning_genesis_ckpt.storage.resume import resolve
 
 TREE = {"meta.pt": b"metadata" * 10, "__0_0.distcp": os.urandom(3000), "sub/__1_0.distcp": os.urandom(1234)}
 

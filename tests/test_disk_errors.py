@@ -21,8 +21,7 @@ from faultyfs import FaultyFileSystem
 from models import BigModel, loaders, make_trainer
 
 from lightning_genesis_ckpt import CheckpointSaveError, CheckpointStore, GenesisCheckpoint
-from lightning_genesis_ckpt.atomicity import is_temp_name
-from lightning_genesis_ckpt.manifest import LOCK_NAME, MANIFEST_NAME
+from lightning_genesis_ckpt.core.names import LOCK_NAME, MANIFEST_NAME, is_temp_name
 
 
 @pytest.fixture

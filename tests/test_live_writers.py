@@ -26,8 +26,8 @@ from models import TinyModel, loaders, make_trainer
 
 import lightning_genesis_ckpt as genesis
 from lightning_genesis_ckpt import CheckpointManager, GenesisCheckpoint, StoreLockedError, cli
-from lightning_genesis_ckpt._faults import STOP_ENV
-from lightning_genesis_ckpt.manifest import BEST_NAME, LOCK_NAME, epoch_name
+from lightning_genesis_ckpt.core.names import BEST_NAME, LOCK_NAME, epoch_name
+from lightning_genesis_ckpt.storage._faults import STOP_ENV
 
 
 class Process:
@@ -278,7 +278,7 @@ def test_a_paused_writer_cannot_commit_over_the_new_holder(shared_url: StoreTarg
 
 def stale_lock(target: StoreTarget) -> None:
     """The lock of a run that is gone: a process of this host that has ended, with an old heartbeat."""
-    from lightning_genesis_ckpt.lock import LockInfo
+    from lightning_genesis_ckpt.storage.lock import LockInfo
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
     info = LockInfo.mine(60.0)

@@ -39,9 +39,9 @@ from lightning_genesis_ckpt import (
     CheckpointStore,
     GenesisCheckpoint,
     cli,
-    resolve,
 )
-from lightning_genesis_ckpt.manifest import BEST_NAME, MANIFEST_NAME, epoch_name
+from lightning_genesis_ckpt.core.names import BEST_NAME, MANIFEST_NAME, epoch_name
+from lightning_genesis_ckpt.storage.resume import resolve
 
 
 @pytest.fixture

@@ -19,8 +19,9 @@ import torch
 from conftest import StoreTarget
 from models import TinyModel, loaders, make_trainer
 
-from lightning_genesis_ckpt import CheckpointStore, GenesisCheckpoint, UnsafeCheckpointError, resolve
-from lightning_genesis_ckpt.manifest import LOCK_NAME, MANIFEST_NAME
+from lightning_genesis_ckpt import CheckpointStore, GenesisCheckpoint, UnsafeCheckpointError
+from lightning_genesis_ckpt.core.names import LOCK_NAME, MANIFEST_NAME
+from lightning_genesis_ckpt.storage.resume import resolve
 
 
 class Exploit:

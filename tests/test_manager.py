@@ -13,7 +13,7 @@ from torch import nn
 
 import lightning_genesis_ckpt as genesis
 from lightning_genesis_ckpt import CheckpointManager, CheckpointStore, UnsafeCheckpointError
-from lightning_genesis_ckpt.manifest import LOCK_NAME, MANIFEST_NAME
+from lightning_genesis_ckpt.core.names import LOCK_NAME, MANIFEST_NAME
 
 
 def state(epoch: int, **extra: Any) -> dict[str, Any]:

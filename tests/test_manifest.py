@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from lightning_genesis_ckpt import CheckpointRecord, Manifest, ManifestError
-from lightning_genesis_ckpt.manifest import FORMAT_VERSION, epoch_name, epoch_of_name, role_of_name
-from lightning_genesis_ckpt.records import Stamp
+from lightning_genesis_ckpt import CheckpointRecord, ManifestError
+from lightning_genesis_ckpt.core.manifest import FORMAT_VERSION, Manifest
+from lightning_genesis_ckpt.core.names import epoch_name, epoch_of_name, role_of_name
+from lightning_genesis_ckpt.core.records import Stamp
 
 
 def rec(name: str, seq: int, **kw) -> CheckpointRecord:

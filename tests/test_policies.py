@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from lightning_genesis_ckpt.preservation import (
+from lightning_genesis_ckpt.core.preservation import (
     AnyOf,
     BestN,
     EveryNSeconds,
@@ -17,8 +17,8 @@ from lightning_genesis_ckpt.preservation import (
     RetentionContext,
     select_deletions,
 )
-from lightning_genesis_ckpt.records import CheckpointRecord
-from lightning_genesis_ckpt.save_decision import (
+from lightning_genesis_ckpt.core.records import CheckpointRecord
+from lightning_genesis_ckpt.core.save_decision import (
     AnySave,
     EpochInterval,
     SaveContext,

@@ -23,10 +23,13 @@ from fsspec.asyn import sync_wrapper
 from s3fs import S3FileSystem
 from s3server import ACCESS_KEY, SECRET_KEY, S3Server
 
-from lightning_genesis_ckpt import CheckpointRecord, CheckpointStore, Manifest, resolve, serialization
-from lightning_genesis_ckpt.atomicity import DeferredCommit, strategy_for
-from lightning_genesis_ckpt.manifest import epoch_name
-from lightning_genesis_ckpt.serialization import format_checksum
+from lightning_genesis_ckpt import CheckpointRecord, CheckpointStore
+from lightning_genesis_ckpt.core.manifest import Manifest
+from lightning_genesis_ckpt.core.names import epoch_name
+from lightning_genesis_ckpt.storage import serialization
+from lightning_genesis_ckpt.storage.atomicity import DeferredCommit, strategy_for
+from lightning_genesis_ckpt.storage.resume import resolve
+from lightning_genesis_ckpt.storage.serialization import format_checksum
 
 MiB = 2**20
 

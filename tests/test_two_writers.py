@@ -20,7 +20,7 @@ from conftest import ROOT, SCRIPTS
 from models import BigModel, RaiseAt, loaders, make_trainer
 
 from lightning_genesis_ckpt import CheckpointStore, GenesisCheckpoint, StoreLockedError
-from lightning_genesis_ckpt.manifest import LOCK_NAME
+from lightning_genesis_ckpt.core.names import LOCK_NAME
 
 
 class CountSteps(pl.Callback):

@@ -17,8 +17,8 @@ import torch
 from conftest import StoreTarget
 
 from lightning_genesis_ckpt import CheckpointStore, StoreLockedError
-from lightning_genesis_ckpt.lock import LockInfo, _pid_namespace, _start_time
-from lightning_genesis_ckpt.manifest import LOCK_NAME, MANIFEST_NAME
+from lightning_genesis_ckpt.core.names import LOCK_NAME, MANIFEST_NAME
+from lightning_genesis_ckpt.storage.lock import LockInfo, _pid_namespace, _start_time
 
 
 @pytest.fixture

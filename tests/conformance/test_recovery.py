@@ -14,8 +14,10 @@ import pytest
 import torch
 from conftest import StoreTarget
 
-from lightning_genesis_ckpt import CheckpointManager, ManifestError, resolve
-from lightning_genesis_ckpt.manifest import BEST_NAME, MANIFEST_NAME, Manifest, epoch_name
+from lightning_genesis_ckpt import CheckpointManager, ManifestError
+from lightning_genesis_ckpt.core.manifest import Manifest
+from lightning_genesis_ckpt.core.names import BEST_NAME, MANIFEST_NAME, epoch_name
+from lightning_genesis_ckpt.storage.resume import resolve
 
 from .test_writers import files, put
 

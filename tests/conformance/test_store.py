@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import StoreTarget
 
-from lightning_genesis_ckpt import CheckpointCorruptError, CheckpointStore, ManifestError, resolve
-from lightning_genesis_ckpt.atomicity import TMP_PREFIX
-from lightning_genesis_ckpt.manifest import MANIFEST_NAME
+from lightning_genesis_ckpt import CheckpointCorruptError, CheckpointStore, ManifestError
+from lightning_genesis_ckpt.core.names import MANIFEST_NAME, TMP_PREFIX
+from lightning_genesis_ckpt.storage.resume import resolve
 
 
 def state(seed: int = 0, n: int = 1000) -> dict:
@@ -357,7 +357,8 @@ class Exploit:
 def test_a_slow_load_logs_one_line_with_size_and_speed(
     store_url: StoreTarget, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, verbose: bool
 ) -> None:
-    import lightning_genesis_ckpt.reader as reader
+    from lightning_genesis_ckpt.core.display import human_size
+    from lightning_genesis_ckpt.storage import reader
 
     store = store_url.store(verbose=verbose)
     rec = store.save("big.pth", state(1, n=100_000))
@@ -366,6 +367,6 @@ def test_a_slow_load_logs_one_line_with_size_and_speed(
         store.load("big.pth")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded")]
     if verbose:
-        assert len(lines) == 1 and reader.human_size(rec.size) in lines[0] and "MiB/s" in lines[0]
+        assert len(lines) == 1 and human_size(rec.size) in lines[0] and "MiB/s" in lines[0]
     else:
         assert lines == []

@@ -22,8 +22,15 @@ from conftest import StoreTarget
 
 import lightning_genesis_ckpt as genesis
 from lightning_genesis_ckpt import CheckpointManager, CheckpointStore, StoreLockedError, cli
-from lightning_genesis_ckpt.atomicity import TMP_PREFIX, intent_name
-from lightning_genesis_ckpt.manifest import BEST_NAME, INTERRUPT_NAME, LOCK_NAME, MANIFEST_NAME, epoch_name
+from lightning_genesis_ckpt.core.names import (
+    BEST_NAME,
+    INTERRUPT_NAME,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    TMP_PREFIX,
+    epoch_name,
+    intent_name,
+)
 
 HOLDER = "pid 4242 on host gpu-node-17"
 
