@@ -92,7 +92,7 @@ def test_overwrite_keeps_a_backup_until_the_new_file_commits(tmp_path: Path) -> 
 class FailMarker(RenameCommit):
     """Announcing the write fails (the intent marker): nothing was touched."""
 
-    def write_small(self, path: str, data: bytes, *, durable: bool = True) -> None:
+    def write_small(self, path: str, data: bytes, *, durable: bool = True, content: bool = True) -> None:
         raise OSError(28, "No space left on device")
 
 

@@ -229,7 +229,7 @@ class CheckpointManager:
                 mmap=True,
             )
         except (CheckpointCorruptError, FileNotFoundError) as e:
-            log.warning("cannot load the best model: %s", e)
+            log.warning("cannot load the best model: %s", str(e))
             return None
         self.last_loaded = self.store.manifest().get(BEST_NAME)
         if self.verbose:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -33,10 +32,32 @@ def compare_progress(a: CheckpointRecord, b: CheckpointRecord) -> int:
     return (a.seq > b.seq) - (a.seq < b.seq)
 
 
-#: Sort key by training progress: optimizer steps where both records have them, else epochs (numeric, from
-#: the name if need be), else commit order. Works for epoch and step checkpoints, and for plain loops that
-#: record no steps, alike.
-progress = functools.cmp_to_key(compare_progress)
+class _Progress:
+    """A sort key comparing records with :func:`compare_progress`."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: CheckpointRecord) -> None:
+        self.record = record
+
+    def __lt__(self, other: _Progress) -> bool:
+        return compare_progress(self.record, other.record) < 0
+
+    def __gt__(self, other: _Progress) -> bool:
+        return compare_progress(self.record, other.record) > 0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Progress) and compare_progress(self.record, other.record) == 0
+
+    def __hash__(self) -> int:
+        return hash(self.record.seq)
+
+
+def progress(record: CheckpointRecord) -> _Progress:
+    """Sort key by training progress: optimizer steps where both records have them, else epochs (numeric,
+    from the name if need be), else commit order. Works for epoch and step checkpoints, and for plain loops
+    that record no steps, alike."""
+    return _Progress(record)
 
 
 def at_least_as_much_training(a: CheckpointRecord, b: CheckpointRecord) -> bool:

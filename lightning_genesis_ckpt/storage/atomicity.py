@@ -122,10 +122,11 @@ class CommitStrategy(Protocol):
         re-serializing it."""
         ...
 
-    def write_small(self, path: str, data: bytes, *, durable: bool = True) -> None:
+    def write_small(self, path: str, data: bytes, *, durable: bool = True, content: bool = True) -> None:
         """Publish a small payload known up front (a marker): as few requests or syscalls as possible.
 
-        ``durable``: on a local disk, fsync it and its directory before returning.
+        ``durable``: on a local disk, the name survives a power cut once this returns (its directory is
+        fsync'd); ``content``: so do its bytes (the file is fsync'd too).
         """
         ...
 
@@ -189,13 +190,13 @@ class RenameCommit:
         if sync:
             fsync_directory(directory)
 
-    def write_small(self, path: str, data: bytes, *, durable: bool = True) -> None:
+    def write_small(self, path: str, data: bytes, *, durable: bool = True, content: bool = True) -> None:
         directory, name = os.path.split(path)
         tmp = os.path.join(directory, temp_name(name))
         try:
             with open(tmp, "xb") as f:
                 f.write(data)
-                if durable:
+                if durable and content:
                     f.flush()
                     os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -292,7 +293,7 @@ class DeferredCommit:
         # publishes atomically), without the glob and existence checks of ``fs.copy``.
         server_side_copy(self.fs, src, dst, size)
 
-    def write_small(self, path: str, data: bytes, *, durable: bool = True) -> None:
+    def write_small(self, path: str, data: bytes, *, durable: bool = True, content: bool = True) -> None:
         # ``pipe_file`` sends a payload known up front as one request where the store has one (S3: a single
         # PUT, durable once acknowledged).
         self.fs.pipe_file(path, data)

@@ -182,6 +182,16 @@ class Location:
                 return None
 
     # ------------------------------------------------------------------------------------ changes
+    def make_durable(self, name: str) -> None:
+        """On a local disk, fsync the file ``name`` (its directory entry is the caller's: a directory fsync).
+        Object stores: nothing to do, an object is durable once its upload was acknowledged."""
+        if self.local:
+            fd = os.open(self.path(name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def ensure_directory(self) -> None:
         """Create the directory if it is missing; a new local directory is made durable in its parent."""
         if self.local:
@@ -234,7 +244,7 @@ class Location:
         except Exception as e:
             if not (isinstance(e, OSError) or is_storage_client_error(e)):
                 raise
-            log.warning("could not remove %s %s: %s", what, ", ".join(self.url_for(n) for n in names), e)
+            log.warning("could not remove %s %s: %s", what, ", ".join(self.url_for(n) for n in names), str(e))
             return []
 
     def discard_tree(self, name: str) -> bool:
@@ -246,7 +256,7 @@ class Location:
         except Exception as e:
             if not (isinstance(e, OSError) or is_storage_client_error(e)):
                 raise
-            log.warning("could not remove %s: %s", self.url_for(name), e)
+            log.warning("could not remove %s: %s", self.url_for(name), str(e))
             return False
         finally:
             self.fs.invalidate_cache(self.path(name))
@@ -260,4 +270,4 @@ class Location:
         except FileNotFoundError:
             pass
         except OSError as e:
-            log.warning("could not remove %s: %s", path, e)
+            log.warning("could not remove %s: %s", path, str(e))

@@ -239,7 +239,7 @@ class StoreLock:
             except Exception as e:  # a heartbeat that fails now may succeed next time
                 if not (isinstance(e, OSError) or is_storage_client_error(e)):
                     raise
-                log.warning("could not refresh the lock %s: %s", self.display, e)
+                log.warning("could not refresh the lock %s: %s", self.display, str(e))
 
     # ------------------------------------------------------------------------------------ the protocol
     def acquire(self) -> None:

@@ -50,7 +50,7 @@ def read_manifest(loc: Location) -> tuple[Manifest, Any, bool]:
     except ManifestError as e:
         if e.newer_format or not loc.conduct.rebuilds:
             raise
-        log.warning("%s; rebuilding it from the checkpoint files", e)
+        log.warning("%s; rebuilding it from the checkpoint files", str(e))
         return rebuild(loc), found.tag, True
     if manifest.replacing:
         return settle_legacy_replacements(loc, manifest), found.tag, True
@@ -67,7 +67,7 @@ def _loaded_fields(loc: Location, name: str, why: str) -> tuple[bool, dict[str, 
     try:
         obj = loading.load_file(loc, name, None, mmap=True)
     except (CheckpointCorruptError, UnsafeCheckpointError) as e:
-        log.warning("%s: skipping %s (%s)", why, loc.url_for(name), e)
+        log.warning("%s: skipping %s (%s)", why, loc.url_for(name), str(e))
         return False, None
     meta = obj.get(METADATA_KEY) if isinstance(obj, dict) else None
     return True, meta if isinstance(meta, dict) else None
@@ -117,7 +117,7 @@ def adopt_file(loc: Location, name: str, stamp: Stamp, why: str) -> CheckpointRe
     try:
         return record_from_embedded(meta, name, stamp.size, stamp.checksum, role)
     except (TypeError, ValueError, KeyError) as e:
-        log.warning("%s: skipping %s: its embedded record is malformed (%s)", why, loc.url_for(name), e)
+        log.warning("%s: skipping %s: its embedded record is malformed (%s)", why, loc.url_for(name), str(e))
         return None
 
 
@@ -129,7 +129,7 @@ def adopt_directory(loc: Location, name: str, why: str) -> CheckpointRecord | No
     try:
         record = CheckpointRecord.from_json(json.loads(data))
     except (ValueError, KeyError, TypeError) as e:
-        log.warning("%s: skipping %s: its embedded record is malformed (%s)", why, loc.url_for(name), e)
+        log.warning("%s: skipping %s: its embedded record is malformed (%s)", why, loc.url_for(name), str(e))
         return None
     if record.files is None or not (record.name == name or is_copy_name(name)):
         return None

@@ -55,7 +55,10 @@ class Publication:
         """Write the intent marker holding ``record`` (durable first when a committed name is replaced)."""
         marker = self.loc.path(intent_name(self.name))
         data = markers.encode(record, self.replaces)
-        self.loc.commit_strategy.write_small(marker, data, durable=self.replaced)
+        # Durable before the bytes it announces become visible: otherwise a power cut could keep a rename and
+        # lose the marker, and nothing would prove the orphan ours. Its content (the record) matters only for a
+        # name replaced in place, whose new bytes are then adopted or put back by it.
+        self.loc.commit_strategy.write_small(marker, data, durable=True, content=self.replaced)
         self.announced = True
 
 
@@ -70,6 +73,7 @@ class CommitProtocol:
         self._removed: dict[str, CheckpointRecord] = {}
         self._published: list[Publication] = []
         self._log: list[str] = []  # info lines, said once the commit has made them true
+        self._needs_sync = False  # a directory entry not published by this transaction must be made durable
         self.committed = False
 
     @property
@@ -159,7 +163,7 @@ class CommitProtocol:
         if not (self._added or self._removed or self._rewrite or self._clearable()):
             return
         try:
-            if self._published:
+            if self._published or self._needs_sync:
                 loc.commit_strategy.sync(loc.root)  # every rename of this transaction, durable at once
             new = self._final_manifest()
             assert writer.lock is not None
@@ -264,7 +268,7 @@ class CommitProtocol:
             except Exception as e:  # cleanup must never hide the error that made it necessary
                 if not (isinstance(e, OSError) or is_storage_client_error(e)):
                     raise
-                log.warning("could not undo the write of %s: %s", loc.url_for(p.name), e)
+                log.warning("could not undo the write of %s: %s", loc.url_for(p.name), str(e))
         self._published.clear()
 
     @staticmethod

@@ -84,7 +84,7 @@ def resolve(
             else:
                 store.verify(record.name)
         except (CheckpointCorruptError, FileNotFoundError) as e:
-            log.warning("skipping checkpoint %s: %s", store.url_for(record.name), e)
+            log.warning("skipping checkpoint %s: %s", store.url_for(record.name), str(e))
             resolution.skipped.append((record.name, str(e)))
             continue
         resolution.record = record

@@ -91,6 +91,30 @@ class ChecksumWriter:
         return format_checksum(self._crc)
 
 
+def _dill_by_reference() -> Any:
+    """dill, as a ``pickle_module`` for ``torch.save``, pickling only the globals a function uses.
+
+    By default dill pickles a function's whole global namespace: for a lambda in a script that imported this
+    library from a source checkout (not site-packages), that drags the library's modules in by value, with
+    the state of a save in progress (its lock's heartbeat thread: not picklable). ``recurse`` pickles what the
+    function references, and nothing else.
+    """
+    import types
+
+    import dill
+
+    class Pickler(dill.Pickler):
+        def __init__(self, file: Any, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("recurse", True)
+            super().__init__(file, *args, **kwargs)
+
+    module = types.ModuleType("dill")  # torch reads the name (and records dill's version) to pick its paths
+    module.Pickler = Pickler  # type: ignore[attr-defined]
+    for name in ("Unpickler", "dump", "load", "__version__"):
+        setattr(module, name, getattr(dill, name))
+    return module
+
+
 def dump(obj: Any, fileobj: IO[bytes], serializer: Serializer = "torch") -> tuple[int, str]:
     """Serialize ``obj`` straight into ``fileobj``; returns ``(size, checksum)``.
 
@@ -104,9 +128,7 @@ def dump(obj: Any, fileobj: IO[bytes], serializer: Serializer = "torch") -> tupl
     writer = ChecksumWriter(fileobj)
     try:
         if serializer == "dill":
-            import dill
-
-            torch.save(obj, writer, pickle_module=dill)  # type: ignore[arg-type]
+            torch.save(obj, writer, pickle_module=_dill_by_reference())  # type: ignore[arg-type]
         else:
             torch.save(obj, writer)  # type: ignore[arg-type]
         writer.flush()

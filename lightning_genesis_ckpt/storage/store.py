@@ -244,7 +244,9 @@ class CheckpointStore(StoreReader):
         except Exception as e:
             if not (isinstance(e, OSError) or is_storage_client_error(e)):
                 raise
-            log.warning("could not release the lock of %s: %s; the next run will find it stale", self.url, e)
+            log.warning(
+                "could not release the lock of %s: %s; the next run will find it stale", self.url, str(e)
+            )
 
     @property
     def holds_lock(self) -> bool:

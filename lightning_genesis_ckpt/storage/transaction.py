@@ -159,14 +159,19 @@ class Transaction(CommitProtocol):
     def register(self, name: str, *, role: str | None = None, **fields: Any) -> CheckpointRecord:
         """Commit a file that already sits in the directory (written by another tool), checksummed as it is now.
 
+        On a local disk the file is made durable first (fsync of it, and of the directory with the commit):
+        another tool may not have, and a committed file must survive a power cut.
+
         Raises:
             FileNotFoundError: there is no such file.
         """
         self._check_name(name)
         try:
             stamp = self.loc.checksum(name)
+            self.loc.make_durable(name)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{self.loc.url_for(name)} does not exist: nothing to register") from e
+        self._needs_sync = True
         versions = fields.pop("versions", {})
         record = self._new_record(name, role, **fields)
         return self._add(

@@ -150,6 +150,12 @@ def let_go(writer: DirectoryWriter) -> None:
             forget(writer)
 
 
+def held_directories() -> list[DirectoryWriter]:
+    """The writers of this process that hold a lock right now."""
+    with _REGISTRY_MUTEX:
+        return [w for w in _REGISTRY.values() if w.lock is not None]
+
+
 def refuse_if_lost(writer: DirectoryWriter) -> None:
     """Raise :class:`StoreLockedError` if this process's lock was taken over (the heartbeat noticed)."""
     if writer.lock is not None and writer.lock.lost is not None:

@@ -190,7 +190,9 @@ class CrashingMarkers(CheckpointStore):
         strategy = self.commit_strategy
 
         class Crash(type(strategy)):  # type: ignore[misc]
-            def write_small(self, path: str, data: bytes, *, durable: bool = True) -> None:
+            def write_small(
+                self, path: str, data: bytes, *, durable: bool = True, content: bool = True
+            ) -> None:
                 raise SimulatedCrash
 
         strategy.__class__ = Crash
