@@ -67,13 +67,15 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
     print()
-    print("| workload | model | crash points | states explored | violations | kinds |")
+    print("| workload | model | crash points (sampled) | states explored | violations | kinds |")
     print("|---|---|---|---|---|---|")
     for c in cells:
         kinds = ", ".join(f"{k}: {n}" for k, n in sorted(c.kinds.items())) or "-"
-        print(f"| {c.workload} | {c.model} | {c.crash_points} | {c.states} | {c.bad_states} | {kinds} |")
+        points = f"{c.crash_points} ({c.sampled_points})"
+        print(f"| {c.workload} | {c.model} | {points} | {c.states} | {c.bad_states} | {kinds} |")
     states, bad = sum(c.states for c in cells), sum(c.bad_states for c in cells)
-    print(f"| **all** | both | {sum(c.crash_points for c in cells)} | **{states}** | **{bad}** | |")
+    points = f"{sum(c.crash_points for c in cells)} ({sum(c.sampled_points for c in cells)})"
+    print(f"| **all** | both | {points} | **{states}** | **{bad}** | |")
     notes = {k: sum(c.notes[k] for c in cells) for c in cells for k in c.notes}
     if notes:
         print("\nnotes (not violations): " + ", ".join(f"{k}: {n}" for k, n in sorted(notes.items())))

@@ -132,7 +132,7 @@ class Study:
                 tree.apply(op)
         return tree
 
-    def judge(self, p: int, lost: Lost) -> tuple[list[oracle.Violation], str | None]:
+    def judge(self, p: int, lost: Lost) -> tuple[list[oracle.Violation], oracle.Choice]:
         exp = self.expectations[self.interval(p)]
         return self._with_state(self.state(p, lost), lambda root: oracle.judge(self.workload, root, exp))
 
@@ -169,6 +169,7 @@ class Cell:
     workload: str
     model: str
     crash_points: int = 0
+    sampled_points: int = 0  # crash points with more combinations than the cap: a seeded sample of them
     combinations: int = 0
     states: int = 0
     bad_states: int = 0
@@ -204,12 +205,13 @@ def explore(
         )
         all_points = sorted(set(after_calls) | set(chosen))
     seen: set[tuple[int, str]] = set()
-    judged: list[tuple[int, Lost, str | None]] = []
+    judged: list[tuple[int, Lost, oracle.Choice]] = []
     for p in all_points:
         rng = random.Random(f"{seed}/{study.workload.name}/{model_name}/{p}")
         states, total = model.states(p, rng, cap)
         cell.crash_points += 1
         cell.combinations += total
+        cell.sampled_points += total > cap
         for lost in states:
             key = (study.interval(p), study.state(p, lost).digest())
             if key in seen:
@@ -234,7 +236,7 @@ def explore(
 def _samples(
     study: Study,
     cell: Cell,
-    judged: list[tuple[int, Lost, str | None]],
+    judged: list[tuple[int, Lost, oracle.Choice]],
     rng: random.Random,
     resumes: int,
     clis: int,
@@ -251,14 +253,17 @@ def _samples(
         cell.cli_runs += 1
 
 
-def _trainer_resume(w: Workload, chosen: str | None, root: Path) -> list[oracle.Violation]:
+def _trainer_resume(w: Workload, chosen: oracle.Choice, root: Path) -> list[oracle.Violation]:
+    """A real fit on the state: it must resume from what resolve chose, and train one more epoch."""
     from .trainer import resume_fit
 
-    callback = resume_fit(surface.genesis_checkpoint_class(), str(root / w.dirpath), w.trainer, 5)
+    epochs = 1 if chosen is None else chosen[1] + 2
+    callback = resume_fit(surface.genesis_checkpoint_class(), str(root / w.dirpath), w.trainer, epochs)
     got = None if callback.resumed_from is None else callback.resumed_from.name
-    if got == chosen:
+    want = None if chosen is None else chosen[0]
+    if got == want:
         return []
-    return [oracle.Violation("trainer-resume", f"the Trainer resumed from {got}; resolve chose {chosen}")]
+    return [oracle.Violation("trainer-resume", f"the Trainer resumed from {got}; resolve chose {want}")]
 
 
 def _cli(w: Workload, root: Path) -> list[oracle.Violation]:

@@ -97,7 +97,9 @@ class Expectation:
 
 
 def content_digest(path: str) -> str:
-    """sha256 of a file, or of a directory's sorted listing of (relative path, sha256)."""
+    """sha256 of a file, or of a directory's sorted listing of (relative path, sha256); ``missing``."""
+    if not os.path.exists(path):
+        return "missing"
     if not os.path.isdir(path):
         with open(path, "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()
@@ -132,8 +134,11 @@ def _version(obj: Any) -> str:
     return f"version {obj['version']}, weights {float(obj['weights'][0])}"
 
 
-def judge(workload: Workload, state_root: Path, exp: Expectation) -> tuple[list[Violation], str | None]:
-    """Every broken invariant of one crash state, and the name resume chose (for the Trainer sample)."""
+Choice = tuple[str, int] | None  # what resume chose: its name and epoch
+
+
+def judge(workload: Workload, state_root: Path, exp: Expectation) -> tuple[list[Violation], Choice]:
+    """Every broken invariant of one crash state, and what resume chose (for the Trainer sample)."""
     out: list[Violation] = []
     with surface.captured_logs():
         if workload.kind == "genesis":
@@ -152,7 +157,7 @@ def _tree_digest(root: Path) -> str:
     return content_digest(str(root)) if root.exists() else "-"
 
 
-def _judge_store(workload: Workload, state_root: Path, exp: Expectation, out: list[Violation]) -> str | None:
+def _judge_store(workload: Workload, state_root: Path, exp: Expectation, out: list[Violation]) -> Choice:
     directory = state_root / workload.dirpath
     if directory.is_dir():
         before = _tree_digest(state_root)
@@ -174,7 +179,7 @@ def _judge_store(workload: Workload, state_root: Path, exp: Expectation, out: li
 
 def _check_started(
     workload: Workload, store: Any, directory: Path, exp: Expectation, out: list[Violation]
-) -> str | None:
+) -> Choice:
     listed: dict[str, Any] = {}
     for record in store.records():
         try:
@@ -203,7 +208,7 @@ def _check_started(
         )
     if best is not None and (step is None or step < best):
         out.append(Violation("resume-not-newest", f"resume chose step {step} over a valid step {best}"))
-    foreign = {os.path.relpath(rel, workload.dirpath) for rel in workload.foreign}
+    foreign = {os.path.relpath(rel, workload.dirpath) for rel in (*workload.foreign, *workload.user_files)}
     for name in sorted(os.listdir(directory)):
         if name in ours or name in foreign:
             continue  # a listed but broken checkpoint is reported above
@@ -213,7 +218,7 @@ def _check_started(
             out.append(Violation("half-deleted-survived", f"{name} is no longer listed but still there"))
         else:
             out.append(Violation("uncommitted-survived", f"{name}, never committed, is still there"))
-    return None if chosen is None else chosen.name
+    return None if chosen is None else (chosen.name, chosen.epoch or 0)
 
 
 def _judge_genesis(workload: Workload, state_root: Path, exp: Expectation, out: list[Violation]) -> None:

@@ -11,19 +11,25 @@ each call returned. Nothing here is part of the library.
 Workloads (all on local disk; the ``trainer`` ones drive :class:`GenesisCheckpoint` with a real tiny Trainer
 and mark each epoch end from a callback of their own):
 
-* ``first_save`` -- a Trainer whose ``dirpath`` (two levels) does not exist yet; two epochs.
-* ``rolling`` -- four epochs with ``keep_last=2``: saves and rolling deletions.
-* ``best`` -- ``monitor="val_loss"`` with a scripted loss and ``every_n_epochs=2``: ``best_model.pth`` is
-  saved on its own, then replaced by a hard-link copy of an epoch file, then by a save, then by a copy.
+* ``first_save`` -- a Trainer whose ``dirpath`` (two levels) does not exist yet; three epochs.
+* ``rolling`` -- eight epochs with ``keep_last=2``: saves and rolling deletions.
+* ``best`` -- ``monitor="val_loss"`` with a scripted loss and ``every_n_epochs=2``, six epochs:
+  ``best_model.pth`` is saved on its own, then replaced in turn by a hard-link copy of an epoch file and by
+  a save of its own.
+* ``async`` -- ``async_save=True``, five epochs: the saves commit from a background thread.
 * ``interrupt`` -- a fit that raises (interrupt snapshot), a resumed fit that raises again (the snapshot is
-  replaced), a resumed fit that finishes (the snapshot is retired).
+  replaced), a resumed fit that retires it and raises later (a new one), a resumed fit that finishes.
 * ``directory`` -- ``CheckpointStore.save_directory`` twice, a replacement of the second (an exchange of two
-  directories), a copy to ``best_model.pth``, a deletion.
-* ``genesis`` -- ``genesis.save`` of a file over an earlier version, twice (the ``.genesis.bak`` protocol).
+  directories), a copy to ``best_model.pth`` (hard links), a deletion, a third save and a copy that
+  replaces the first one.
+* ``genesis`` -- ``genesis.save`` of a file over an earlier version, three times (the ``.genesis.bak``
+  protocol).
 * ``lock`` -- ``acquire_lock`` with a short lease (the heartbeat thread rewrites the lock), a save, a release,
   and a second store's acquire and release.
 * ``rebuild`` -- three checkpoints whose manifest is gone: a store rebuilds it, saves (writing the rebuilt
   manifest) and deletes one.
+* ``versions`` -- ``import_checkpoint`` of a file the user just wrote with ``torch.save`` (registered in
+  place), ``save_version``, ``tag_version`` of an epoch checkpoint, and ``save_version`` over a committed one.
 
 The ``broken-*`` workloads are the oracle's self-test (:mod:`.broken`): saves through a deliberately broken
 commit. They are never run together with the others, because their patches are process-wide.
@@ -50,6 +56,7 @@ class Workload:
     ``dirpath`` is the checkpoint directory relative to the workload's root (``genesis``: the directory of
     ``file``). ``foreign`` are the user's files, relative to the root, that must survive every start.
     ``trainer`` holds the GenesisCheckpoint settings of a Trainer workload (the resume sample reuses them).
+    ``user_files`` are files the user writes during the run, in the checkpoint directory.
     """
 
     name: str
@@ -59,6 +66,7 @@ class Workload:
     foreign: tuple[str, ...] = ("ckpt/notes.txt",)
     trainer: dict[str, Any] = field(default_factory=dict)
     file: str = ""
+    user_files: tuple[str, ...] = ()  # written by the user during the run: theirs, whatever becomes of them
 
 
 def _prepare(root: Path, mark: Mark, *, dirpath: str | None = "ckpt") -> Path:
@@ -78,7 +86,11 @@ def _ready(mark: Mark) -> None:
 
 # ------------------------------------------------------------------------------------------ trainer
 def _fit(dirpath: Path, mark: Mark, epochs: int, raise_at: tuple[int, int] | None = None, **kw: Any) -> None:
-    """One real fit with GenesisCheckpoint; marks every epoch end it completes and its own return."""
+    """One real fit with GenesisCheckpoint; marks every epoch end it completes and its own return.
+
+    With ``async_save`` an epoch's save commits in the background; the next epoch's end waits for it before
+    saving again, so an epoch's commit is known to have returned only when the epoch after next starts.
+    """
     import pytorch_lightning as pl
     import torch
     from models import RaiseAt, make_trainer
@@ -87,17 +99,20 @@ def _fit(dirpath: Path, mark: Mark, epochs: int, raise_at: tuple[int, int] | Non
 
     from .trainer import ScriptedModel, crash_loaders
 
+    lag = 2 if kw.get("async_save") else 1
+
     class EpochMarks(pl.Callback):
         # Lightning runs checkpoint callbacks last: an epoch's end (save, copy, retention) is complete when
         # the next epoch starts. The first start of a fit marks the end of its setup (lock, sweep, resume).
-        first = True
+        first: int | None = None
 
         def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-            if self.first:
-                self.first = False
+            epoch = trainer.current_epoch
+            if self.first is None:
+                self.first = epoch
                 mark("returned", call="fit setup and resume")
-            else:
-                mark("returned", call=f"epoch {trainer.current_epoch - 1} end")
+            elif epoch - lag >= self.first:
+                mark("returned", call=f"epoch {epoch - lag} end")
 
     torch.manual_seed(0)
     callbacks: list[Any] = [GenesisCheckpoint(str(dirpath), verbose=False, **kw), EpochMarks()]
@@ -116,28 +131,37 @@ def _fit(dirpath: Path, mark: Mark, epochs: int, raise_at: tuple[int, int] | Non
 def run_first_save(root: Path, mark: Mark) -> None:
     _prepare(root, mark, dirpath=None)
     _ready(mark)
-    _fit(root / FIRST_SAVE_DIR, mark, 2, **TRAINER_SETTINGS["first_save"])
+    _fit(root / FIRST_SAVE_DIR, mark, 3, **TRAINER_SETTINGS["first_save"])
 
 
 def run_rolling(root: Path, mark: Mark) -> None:
     dirpath = _prepare(root, mark)
     _ready(mark)
-    _fit(dirpath, mark, 4, **TRAINER_SETTINGS["rolling"])
+    _fit(dirpath, mark, 8, **TRAINER_SETTINGS["rolling"])
 
 
 def run_best(root: Path, mark: Mark) -> None:
     dirpath = _prepare(root, mark)
     _ready(mark)
-    _fit(dirpath, mark, 4, **TRAINER_SETTINGS["best"])
+    _fit(dirpath, mark, 6, **TRAINER_SETTINGS["best"])
+
+
+def run_async(root: Path, mark: Mark) -> None:
+    dirpath = _prepare(root, mark)
+    _ready(mark)
+    _fit(dirpath, mark, 5, **TRAINER_SETTINGS["async"])
 
 
 def run_interrupt(root: Path, mark: Mark) -> None:
     dirpath = _prepare(root, mark)
     _ready(mark)
     settings = TRAINER_SETTINGS["interrupt"]
-    _fit(dirpath, mark, 3, raise_at=(1, 1), **settings)  # snapshot
-    _fit(dirpath, mark, 3, raise_at=(1, 4), **settings)  # resumed from it; the snapshot is replaced
-    _fit(dirpath, mark, 3, **settings)  # resumed; epoch 1 ends and the snapshot is retired
+    _fit(dirpath, mark, 4, raise_at=(1, 1), **settings)  # snapshot
+    _fit(dirpath, mark, 4, raise_at=(1, 4), **settings)  # resumed from it; the snapshot is replaced
+    _fit(
+        dirpath, mark, 4, raise_at=(2, 3), **settings
+    )  # resumed; epoch 1 ends, the snapshot is retired; another
+    _fit(dirpath, mark, 4, **settings)  # resumed; epochs 2 and 3 end, the snapshot is retired again
 
 
 FIRST_SAVE_DIR = "runs/exp1"
@@ -146,6 +170,7 @@ TRAINER_SETTINGS: dict[str, dict[str, Any]] = {
     "rolling": {"keep_last": 2},
     "best": {"monitor": "val_loss", "keep_last": 1, "every_n_epochs": 2},
     "interrupt": {"keep_last": 2},
+    "async": {"keep_last": 2, "async_save": True},
 }
 
 
@@ -181,9 +206,13 @@ def run_directory(root: Path, mark: Mark) -> None:
         )
         mark("returned", call=f"save_directory epoch {epoch} step {step}")
     store.copy("checkpoint_epoch_1.pth", "best_model.pth", role="best")
-    mark("returned", call="copy to best_model.pth")
+    mark("returned", call="copy epoch 1 to best_model.pth")
     store.delete(["checkpoint_epoch_0.pth"])
     mark("returned", call="delete epoch 0")
+    store.save_directory("checkpoint_epoch_2.pth", shards(3), role="epoch", epoch=2, global_step=30)
+    mark("returned", call="save_directory epoch 2 step 30")
+    store.copy("checkpoint_epoch_2.pth", "best_model.pth", role="best")  # replaces the copy: an exchange
+    mark("returned", call="copy epoch 2 to best_model.pth")
 
 
 def run_lock(root: Path, mark: Mark) -> None:
@@ -235,6 +264,30 @@ def run_rebuild(root: Path, mark: Mark) -> None:
     mark("returned", call="release_lock")
 
 
+def run_versions(root: Path, mark: Mark) -> None:
+    import torch
+
+    import lightning_genesis_ckpt as genesis
+    from lightning_genesis_ckpt import CheckpointStore
+
+    dirpath = _prepare(root, mark)
+    _ready(mark)
+    torch.save({"weights": torch.full((2000,), 7.0)}, dirpath / "pretrained.pt")  # the user's, not fsync'd
+    mark("returned", call="the user's torch.save")
+    genesis.import_checkpoint(dirpath / "pretrained.pt", str(dirpath))  # registered where it is
+    mark("returned", call="import_checkpoint in place")
+    genesis.save_version(str(dirpath), state(10), "v1")
+    mark("returned", call="save_version v1")
+    CheckpointStore(str(dirpath), verbose=False).save(
+        "checkpoint_epoch_0.pth", state(20), epoch=0, global_step=20
+    )
+    mark("returned", call="save epoch 0")
+    genesis.tag_version(str(dirpath), "v2", "checkpoint_epoch_0.pth")  # a hard-link copy
+    mark("returned", call="tag_version v2")
+    genesis.save_version(str(dirpath), state(30), "v1", overwrite=True)  # replaces a committed version
+    mark("returned", call="save_version v1 again")
+
+
 # ------------------------------------------------------------------------------------------ genesis
 GENESIS_FILE = "model.pth"
 
@@ -251,7 +304,7 @@ def run_genesis(root: Path, mark: Mark) -> None:
     _prepare(root, mark, dirpath=None)
     genesis.save(version_payload(1), root / GENESIS_FILE)
     _ready(mark)
-    for version in (2, 3):
+    for version in (2, 3, 4):
         genesis.save(version_payload(version), root / GENESIS_FILE)
         mark("returned", call=f"genesis.save version {version}")
 
@@ -270,10 +323,12 @@ WORKLOADS: dict[str, Workload] = {
         Workload("rolling", "trainer", run_rolling, trainer=TRAINER_SETTINGS["rolling"]),
         Workload("best", "trainer", run_best, trainer=TRAINER_SETTINGS["best"]),
         Workload("interrupt", "trainer", run_interrupt, trainer=TRAINER_SETTINGS["interrupt"]),
+        Workload("async", "trainer", run_async, trainer=TRAINER_SETTINGS["async"]),
         Workload("directory", "store", run_directory),
         Workload("genesis", "genesis", run_genesis, ".", ("notes.txt",), file=GENESIS_FILE),
         Workload("lock", "store", run_lock),
         Workload("rebuild", "store", run_rebuild, foreign=("ckpt/notes.txt", "ckpt/user_weights.pt")),
+        Workload("versions", "store", run_versions, user_files=("ckpt/pretrained.pt",)),
     )
 }
 
