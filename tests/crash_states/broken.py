@@ -9,8 +9,9 @@ of the broken run is what the explorer judges, and it must report violations for
 * ``broken-no-dir-fsync`` -- ``os.fsync`` skips directories: a rename, the manifest's included, is not durable
   when the save returns.
 * ``broken-manifest-first`` -- a store subclass writes the record to the manifest first, then the data.
-* ``broken-unsynced-register`` -- the data goes in place with a plain ``torch.save`` (no temp file, no fsync),
-  then ``register()`` commits it.
+* ``broken-overwrite-in-place`` -- every save overwrites one committed file in place with a plain
+  ``torch.save`` (no temp file), then ``register()`` commits the new bytes: the classic way to lose the only
+  checkpoint.
 
 ``ManifestFirstStore`` is the one place in the explorer that uses the library's internals (``_write_manifest``,
 ``commit``, ``serialization.dump``): a refactor that renames them breaks only this self-test.
@@ -102,14 +103,14 @@ def run_manifest_first(root: Path, mark: Mark) -> None:
     _saves(_store(root, mark, ManifestFirstStore), mark)
 
 
-def run_unsynced_register(root: Path, mark: Mark) -> None:
+def run_overwrite_in_place(root: Path, mark: Mark) -> None:
     import torch
 
     store = _store(root, mark)
 
     def save(name: str, obj: Any, **fields: Any) -> Any:
-        torch.save(obj, store.path(name))  # in place, no temp file, no fsync
-        return store.register(name, **fields)
+        torch.save(obj, store.path("last.pth"))  # over the committed file, no temp file
+        return store.register("last.pth", **fields)
 
     _saves(store, mark, save)
 
@@ -120,6 +121,6 @@ BROKEN: dict[str, Workload] = {
         Workload("broken-rename-before-fsync", "store", run_rename_before_fsync),
         Workload("broken-no-dir-fsync", "store", run_no_dir_fsync),
         Workload("broken-manifest-first", "store", run_manifest_first),
-        Workload("broken-unsynced-register", "store", run_unsynced_register),
+        Workload("broken-overwrite-in-place", "store", run_overwrite_in_place),
     )
 }
