@@ -108,8 +108,12 @@ class CheckpointStore(StoreReader):
 
     def _ensure_dir(self) -> None:
         # On object stores a directory is only a key prefix: "creating" it is a request (s3fs: HEAD bucket)
-        # that proves nothing, so it is done once per store. A local directory can vanish: always.
-        if self.local or not self._dir_ready:
+        # that proves nothing, so it is done once per store. A local directory can vanish: always, and what
+        # is created is made durable (a new dirpath's entry in its parent would otherwise not survive a power
+        # cut, taking the first commits inside it along).
+        if self.local:
+            atomicity.makedirs(self.root)
+        elif not self._dir_ready:
             self.fs.makedirs(self.root, exist_ok=True)
             self._dir_ready = True
 
