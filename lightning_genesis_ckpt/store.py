@@ -126,6 +126,10 @@ class CheckpointStore(StoreReader):
         fails, the commit strategy published nothing and the marker goes at once.
         """
         self.fs.pipe_file(self.path(atomicity.intent_name(name)), b"")
+        if self.local:
+            # On disk before the data it announces is renamed into place: a power cut could otherwise keep the
+            # rename and lose the marker, and the sweep could no longer prove the orphan ours.
+            atomicity._fsync_dir(self.root)
         try:
             yield
         except BaseException:

@@ -67,3 +67,21 @@ def test_a_new_dirpath_is_durable_when_the_first_commit_returns(studies: dict[st
     weak = Weak(study.ops)
     assert all(weak.durable(p, i) for i in mkdirs)
     assert {"committed-lost", "resume-regressed"} <= _kinds(study, p, mkdirs)
+
+
+def test_the_intent_marker_is_durable_before_the_data_takes_its_name(
+    studies: dict[str, explore.Study],
+) -> None:
+    # Found by the explorer (weak model): the rename of epoch 1's file reached the disk, its intent marker did
+    # not; the next start could not prove the unlisted file ours and left it there for good.
+    study = studies["rolling"]
+    name = "ckpt/checkpoint_epoch_1.pth"
+    rename = next(op for op in study.ops if op.kind == "rename" and op.note.endswith(f"-> {name}"))
+    marker = next(
+        op
+        for op in study.ops
+        if op.kind == "create" and op.note == "ckpt/.genesis-tmp-intent-checkpoint_epoch_1.pth"
+    )
+    p = rename.idx + 1
+    assert Weak(study.ops).durable(p, marker.idx)
+    assert "uncommitted-survived" in _kinds(study, p, frozenset({marker.idx}))
