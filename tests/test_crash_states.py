@@ -85,3 +85,18 @@ def test_the_intent_marker_is_durable_before_the_data_takes_its_name(
     p = rename.idx + 1
     assert Weak(study.ops).durable(p, marker.idx)
     assert "uncommitted-survived" in _kinds(study, p, frozenset({marker.idx}))
+
+
+def test_a_crash_after_a_directory_exchange_keeps_the_complete_new_tree(
+    studies: dict[str, explore.Study],
+) -> None:
+    # Found by the explorer (both models, and kill -9 alike: nothing lost): after the exchange that replaces a
+    # committed directory checkpoint and before the manifest's commit, the old record no longer matched the
+    # tree, so the name was skipped -- and the old tree, under a temp name, was swept: epoch 1 was lost.
+    study = studies["directory"]
+    exchange = next(op for op in study.ops if op.kind == "exchange")
+    for p in (exchange.idx + 1, exchange.idx + 2):  # before and after the directory's fsync
+        violations, chosen = study.judge(p, frozenset())
+        assert violations == []
+        assert chosen == ("checkpoint_epoch_1.pth", 1)
+    assert study.expectations[study.interval(exchange.idx + 1)].during == "save_directory epoch 1 step 25"
