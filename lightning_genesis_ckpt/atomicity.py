@@ -92,6 +92,15 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str) -> None:
+    """Flush a local file that someone else wrote (maybe without fsync) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def makedirs(path: str) -> None:
     """``os.makedirs(path, exist_ok=True)`` on a local disk, whose new directories survive a power cut.
 

@@ -332,6 +332,12 @@ class CheckpointStore(StoreReader):
             self._check_lock()
             manifest = self.manifest()
             try:
+                if self.local:
+                    # Another tool wrote it, perhaps without fsync: its bytes and its name must be on disk
+                    # before a record vouches for them, or a power cut leaves a committed checkpoint that is
+                    # missing or fails its checksum.
+                    atomicity.fsync_file(self.path(name))
+                    atomicity._fsync_dir(self.root)
                 size, checksum = self._checksum(name)
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{self.url_for(name)} does not exist: nothing to register") from e

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from crash_states import explore, strace
-from crash_states.persistence import Weak
+from crash_states.persistence import Ordered, Weak
 from crash_states.workloads import WORKLOADS
 
 pytestmark = pytest.mark.skipif(
@@ -100,3 +100,19 @@ def test_a_crash_after_a_directory_exchange_keeps_the_complete_new_tree(
         assert violations == []
         assert chosen == ("checkpoint_epoch_1.pth", 1)
     assert study.expectations[study.interval(exchange.idx + 1)].during == "save_directory epoch 1 step 25"
+
+
+def test_register_makes_the_file_durable_before_committing_it(studies: dict[str, explore.Study]) -> None:
+    # Found by the explorer (both models): import_checkpoint of a file the user had just written registered it
+    # as it was in the page cache; a power cut could then leave a committed record over a torn or missing file.
+    study = studies["versions"]
+    p = study.point_after("import_checkpoint in place")
+    user = [
+        op.idx
+        for op in study.ops[:p]
+        if op.note.startswith("ckpt/pretrained.pt") and op.kind in ("create", "write")
+    ]
+    assert len(user) >= 3
+    for model in (Ordered(study.ops), Weak(study.ops)):
+        assert all(model.durable(p, i) for i in user)
+    assert "listed-invalid" in _kinds(study, p, frozenset(user[-1:]))
