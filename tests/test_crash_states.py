@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from crash_states import explore, strace
+from crash_states.broken import BROKEN
 from crash_states.persistence import Ordered, Weak
 from crash_states.workloads import WORKLOADS
 
@@ -48,6 +49,36 @@ def _report(cells: list[explore.Cell]) -> str:
             lines.append(f"{c.workload}/{c.model} (seed {SEED}): {f.where}")
             lines.extend(f"    {v}" for v in f.violations[:4])
     return "\n".join(lines)
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_sampled_crash_states_keep_every_committed_checkpoint(
+    studies: dict[str, explore.Study], name: str
+) -> None:
+    resumes = 1 if name in ("interrupt", "best") else 0  # a real Trainer resumes from a crash state
+    cells = [
+        explore.explore(studies[name], model, seed=SEED, cap=CAP, points=POINTS, resume_samples=resumes)
+        for model in explore.MODELS
+    ]
+    assert all(c.states > 0 for c in cells)
+    assert sum(c.resumes for c in cells) == 2 * resumes
+    assert not any(c.bad_states for c in cells), _report(cells)
+
+
+def test_the_oracle_reports_every_broken_commit(tmp_path: Path, scratch: Path) -> None:
+    # An explorer that can never fail proves nothing: each deliberately broken commit must be caught, under
+    # both models (every crash point, the two extreme states at each).
+    studies = explore.studies(list(BROKEN), tmp_path, scratch)
+    cells = [explore.explore(studies[n], model, seed=SEED, cap=2) for n in BROKEN for model in explore.MODELS]
+    quiet = [f"{c.workload}/{c.model}" for c in cells if not c.bad_states]
+    assert not quiet, f"no violation reported for {quiet}"
+    kinds: dict[str, set[str]] = {}
+    for c in cells:
+        kinds.setdefault(c.workload, set()).update(c.kinds)
+    assert "committed-lost" in kinds["broken-rename-before-fsync"]  # renamed before its bytes were durable
+    assert "committed-lost" in kinds["broken-no-dir-fsync"]  # a returned commit that a power cut undoes
+    assert "listed-invalid" in kinds["broken-manifest-first"]  # listed while its data does not exist yet
+    assert "listed-invalid" in kinds["broken-overwrite-in-place"]  # the committed file truncated in place
 
 
 def _kinds(study: explore.Study, p: int, lost: frozenset[int]) -> set[str]:

@@ -12,11 +12,11 @@ Workloads (all on local disk; the ``trainer`` ones drive :class:`GenesisCheckpoi
 and mark each epoch end from a callback of their own):
 
 * ``first_save`` -- a Trainer whose ``dirpath`` (two levels) does not exist yet; three epochs.
-* ``rolling`` -- eight epochs with ``keep_last=2``: saves and rolling deletions.
+* ``rolling`` -- ten epochs with ``keep_last=2``: saves and rolling deletions.
 * ``best`` -- ``monitor="val_loss"`` with a scripted loss and ``every_n_epochs=2``, six epochs:
   ``best_model.pth`` is saved on its own, then replaced in turn by a hard-link copy of an epoch file and by
   a save of its own.
-* ``async`` -- ``async_save=True``, five epochs: the saves commit from a background thread.
+* ``async`` -- ``async_save=True``, seven epochs: the saves commit from a background thread.
 * ``interrupt`` -- a fit that raises (interrupt snapshot), a resumed fit that raises again (the snapshot is
   replaced), a resumed fit that retires it and raises later (a new one), a resumed fit that finishes.
 * ``directory`` -- ``CheckpointStore.save_directory`` twice, a replacement of the second (an exchange of two
@@ -137,7 +137,7 @@ def run_first_save(root: Path, mark: Mark) -> None:
 def run_rolling(root: Path, mark: Mark) -> None:
     dirpath = _prepare(root, mark)
     _ready(mark)
-    _fit(dirpath, mark, 8, **TRAINER_SETTINGS["rolling"])
+    _fit(dirpath, mark, 10, **TRAINER_SETTINGS["rolling"])
 
 
 def run_best(root: Path, mark: Mark) -> None:
@@ -149,7 +149,7 @@ def run_best(root: Path, mark: Mark) -> None:
 def run_async(root: Path, mark: Mark) -> None:
     dirpath = _prepare(root, mark)
     _ready(mark)
-    _fit(dirpath, mark, 5, **TRAINER_SETTINGS["async"])
+    _fit(dirpath, mark, 7, **TRAINER_SETTINGS["async"])
 
 
 def run_interrupt(root: Path, mark: Mark) -> None:
