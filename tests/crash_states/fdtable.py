@@ -103,10 +103,14 @@ class ReplayerBase:
             self.cwds[tid] = self.cwd
             self.tid_table[tid] = tid
             return self.tables[tid]
-        # A child recorded before its parent's clone returned: the announcement says what it shares.
-        if len(self.announced) != 1:
+        # A child recorded before its parent's clone returned: the announcement says what it shares. Several
+        # clones in flight are told apart only when it makes no difference: threads of one process.
+        shared = {self.tid_table[p] for p, flags in self.announced.items() if flags & CLONE_FILES}
+        if not self.announced or (len(self.announced) > 1 and len(shared) != 1):
             raise TraceError(f"thread {tid} appeared while {len(self.announced)} forks were in flight")
         parent, flags = next(iter(self.announced.items()))
+        if len(self.announced) > 1 and any(not f & CLONE_FILES for f in self.announced.values()):
+            raise TraceError(f"thread {tid} appeared while a fork and other clones were in flight")
         self._adopt(tid, parent, flags)
         return self.tables[self.tid_table[tid]]
 

@@ -47,6 +47,7 @@ __all__ = [
     "genesis_load",
     "genesis_save",
     "is_temp_name",
+    "load_payload",
     "open_next_run",
     "resolve",
 ]
