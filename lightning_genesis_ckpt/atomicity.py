@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 from collections.abc import Iterator
@@ -117,13 +118,16 @@ def makedirs(path: str) -> None:
         if parent == current:
             break
         current = parent
-    for directory in reversed(missing):
+    for i, directory in enumerate(reversed(missing)):
         try:
             os.mkdir(directory)
         except FileExistsError:
             if not os.path.isdir(directory):  # a file in the way: the error os.makedirs gives
-                raise
-        _fsync_dir(os.path.dirname(directory))
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from None
+        # The existing ancestor may be writable but not readable (then it cannot be opened to fsync): as
+        # durable as that directory's owner allows. The ones created here are always ours to fsync.
+        with contextlib.suppress(PermissionError) if i == 0 else contextlib.nullcontext():
+            _fsync_dir(os.path.dirname(directory))
 
 
 class RenameCommit:
