@@ -5,8 +5,9 @@ models, the crash states just after every call returned plus a seeded sample of 
 real Trainer resumes from two of them. The full run is ``benchmarks/crashstates.py`` (docs/crash-states.md).
 
 The regression tests below are the states the explorer found before the fixes, each rebuilt from the current
-trace: the op whose loss broke the state must now be durable at that crash point (and the state that loses it
-anyway is still judged bad, so the test keeps its teeth).
+trace: where an op's loss broke the state, that op must now be durable at that crash point (and the state that
+loses it anyway is still judged bad, so the test keeps its teeth); the directory exchange, which broke with
+nothing lost, must now pass.
 """
 
 from __future__ import annotations
