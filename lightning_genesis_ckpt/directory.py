@@ -17,9 +17,11 @@ crc32 (:attr:`~.manifest.CheckpointRecord.files`). How it becomes visible depend
   committed at all: a crash there loses it, and resume uses the next candidate. Uploading over the old
   objects instead would leave a mix of old and new files behind a crash.
 
-After a crash while a name was being replaced, the manifest lists it under ``replacing``; if the tree no
-longer matches the old record it cannot be described (a directory carries no record of its own, unlike a
-single file), so the old record stays, verification fails and resume skips it with a warning.
+After a crash while a name was being replaced, the manifest lists it under ``replacing``, with the new tree's
+record under ``incoming`` (a directory carries no record of its own, unlike a single file): the next reader
+keeps the old record if the old tree is still in place and takes the new one if the exchange happened. A tree
+that matches neither (only after the non-exchange fallback left the name absent, or damage from outside)
+keeps the old record; verification fails and resume skips it with a warning.
 """
 
 from __future__ import annotations
@@ -256,7 +258,9 @@ def _publish(
     try:
         if store.local:
             if replacing:
-                store._write_manifest(manifest.replacing_file(name))
+                # With the new tree's record: once the exchange below is on disk, the name holds a tree only
+                # that record describes, and a crash before the commit must still find it (recovery.py).
+                store._write_manifest(manifest.replacing_file(name, incoming=record))
             with store._publishing(name):
                 old_aside = _swap_in(source, final) if replacing else None
                 if not replacing:

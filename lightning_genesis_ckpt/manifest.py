@@ -192,12 +192,15 @@ class Manifest:
             was written. Replacing happens in place (``best_model.pth``, the interrupt snapshot), so after a
             crash the file may hold the new content that no record describes yet.
         deleting: names un-committed by this manifest whose files may not be removed yet.
+        incoming: for a directory being replaced, the record of its new tree. A file carries its own record
+            (the metadata inside it) for recovery to read; a directory does not, so the record travels here.
     """
 
     records: Mapping[str, CheckpointRecord] = field(default_factory=dict)
     next_seq: int = 1
     replacing: frozenset[str] = frozenset()
     deleting: frozenset[str] = frozenset()
+    incoming: Mapping[str, CheckpointRecord] = field(default_factory=dict)
 
     def get(self, name: str) -> CheckpointRecord | None:
         """The record of ``name``, or None."""
@@ -213,7 +216,11 @@ class Manifest:
         records[record.name] = record
         name = {record.name}
         return Manifest(
-            records, max(self.next_seq, record.seq + 1), self.replacing - name, self.deleting - name
+            records,
+            max(self.next_seq, record.seq + 1),
+            self.replacing - name,
+            self.deleting - name,
+            _dropped(self.incoming, name),
         )
 
     def without(self, names: Iterable[str]) -> Manifest:
@@ -221,11 +228,17 @@ class Manifest:
         drop = set(names)
         records = {n: r for n, r in self.records.items() if n not in drop}
         gone = drop & set(self.records)
-        return Manifest(records, self.next_seq, self.replacing - drop, self.deleting | gone)
+        return Manifest(
+            records, self.next_seq, self.replacing - drop, self.deleting | gone, _dropped(self.incoming, drop)
+        )
 
-    def replacing_file(self, name: str) -> Manifest:
-        """A new manifest noting that the committed file ``name`` is about to get new content."""
-        return replace(self, replacing=self.replacing | {name})
+    def replacing_file(self, name: str, incoming: CheckpointRecord | None = None) -> Manifest:
+        """A new manifest noting that the committed ``name`` is about to get new content (described by
+        ``incoming`` for a directory, whose tree carries no record of its own)."""
+        pending = dict(self.incoming)
+        if incoming is not None:
+            pending[name] = incoming
+        return replace(self, replacing=self.replacing | {name}, incoming=pending)
 
     def deleted(self, names: Iterable[str]) -> Manifest:
         """A new manifest that no longer lists ``names`` as ``deleting`` (their files are gone)."""
@@ -245,6 +258,8 @@ class Manifest:
             doc["replacing"] = sorted(self.replacing)
         if self.deleting:
             doc["deleting"] = sorted(self.deleting)
+        if self.incoming:  # older readers ignore it: they treat the replacement as they always did
+            doc["incoming"] = [r.to_json() for _, r in sorted(self.incoming.items())]
         return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -275,6 +290,7 @@ class Manifest:
             records = [CheckpointRecord.from_json(r) for r in doc["checkpoints"]]
             next_seq = int(doc.get("next_seq", 1))
             replacing, deleting = (_names(doc.get(key)) for key in ("replacing", "deleting"))
+            incoming = [CheckpointRecord.from_json(r) for r in doc.get("incoming") or []]
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(path, f"malformed record ({e!r})") from e
         if version < 2 and any(r.is_directory for r in records):
@@ -282,13 +298,26 @@ class Manifest:
         names = [r.name for r in records]
         # A hostile or damaged manifest must not make the store read, replace or delete anything outside
         # its directory or its own bookkeeping files.
+        if any(r.name not in replacing or not r.is_directory for r in incoming):
+            raise ManifestError(path, "an incoming record is not a directory being replaced")
         for name in [*names, *replacing, *deleting]:
             if not is_plain_name(name) or name in (MANIFEST_NAME, LOCK_NAME) or is_temp_name(name):
                 raise ManifestError(path, f"invalid file name {name!r}: not a plain checkpoint file name")
         if len(set(names)) != len(names):
             raise ManifestError(path, "a file name is listed twice")
         top = max((r.seq for r in records), default=0)
-        return cls({r.name: r for r in records}, max(next_seq, top + 1), replacing, deleting)
+        return cls(
+            {r.name: r for r in records},
+            max(next_seq, top + 1),
+            replacing,
+            deleting,
+            {r.name: r for r in incoming},
+        )
+
+
+def _dropped(records: Mapping[str, CheckpointRecord], names: Iterable[str]) -> dict[str, CheckpointRecord]:
+    drop = set(names)
+    return {n: r for n, r in records.items() if n not in drop}
 
 
 def _names(value: Any) -> frozenset[str]:

@@ -4,7 +4,8 @@
 * :func:`settle_replacements` -- the writer died while replacing a committed file in place
   (``best_model.pth``, the interrupt snapshot): the manifest lists the name under ``replacing``; the file holds
   either the old content (its record is still right) or the complete new content (commits are atomic), which
-  gets a record made from the metadata inside it.
+  gets a record made from the metadata inside it. A directory holds the old tree or the new one (the two
+  are exchanged atomically); the new tree's record is the manifest's ``incoming`` entry.
 * :func:`finish_deletions` -- the writer died after the manifest forgot rolled-out checkpoints but before their
   files were removed: the manifest lists them under ``deleting``, and they are removed now.
 """
@@ -93,12 +94,22 @@ def settle_replacements(store: StoreReader, manifest: Manifest) -> Manifest:
         if old is None:
             continue
         if old.is_directory:
-            if not directory.matches(store, old):
+            if directory.matches(store, old):
+                continue  # the new tree never took the name: the old record is right
+            new = manifest.incoming.get(name)
+            if new is not None and directory.matches(store, new):
+                # The exchange put the complete new tree in place before the writer stopped.
+                manifest = manifest.with_record(new.with_changes(seq=manifest.next_seq))
                 log.warning(
-                    "%s changed during an interrupted commit and cannot be recovered: a directory carries "
-                    "no record of its own; resume will skip it",
+                    "%s was being replaced when its writer stopped; the new directory is complete and is used",
                     store.url_for(name),
                 )
+                continue
+            log.warning(
+                "%s changed during an interrupted commit and matches neither its old nor its new record; "
+                "resume will skip it",
+                store.url_for(name),
+            )
             continue
         try:
             size, checksum = store._checksum(name)
@@ -117,7 +128,7 @@ def settle_replacements(store: StoreReader, manifest: Manifest) -> Manifest:
             "%s was being replaced when its writer stopped; the new content is complete and is used",
             store.url_for(name),
         )
-    return replace(manifest, replacing=frozenset())
+    return replace(manifest, replacing=frozenset(), incoming={})
 
 
 def finish_deletions(store: CheckpointStore) -> list[str]:

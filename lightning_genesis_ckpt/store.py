@@ -108,8 +108,12 @@ class CheckpointStore(StoreReader):
 
     def _ensure_dir(self) -> None:
         # On object stores a directory is only a key prefix: "creating" it is a request (s3fs: HEAD bucket)
-        # that proves nothing, so it is done once per store. A local directory can vanish: always.
-        if self.local or not self._dir_ready:
+        # that proves nothing, so it is done once per store. A local directory can vanish: always, and what
+        # is created is made durable (a new dirpath's entry in its parent would otherwise not survive a power
+        # cut, taking the first commits inside it along).
+        if self.local:
+            atomicity.makedirs(self.root)
+        elif not self._dir_ready:
             self.fs.makedirs(self.root, exist_ok=True)
             self._dir_ready = True
 
@@ -122,6 +126,10 @@ class CheckpointStore(StoreReader):
         fails, the commit strategy published nothing and the marker goes at once.
         """
         self.fs.pipe_file(self.path(atomicity.intent_name(name)), b"")
+        if self.local:
+            # On disk before the data it announces is renamed into place: a power cut could otherwise keep the
+            # rename and lose the marker, and the sweep could no longer prove the orphan ours.
+            atomicity._fsync_dir(self.root)
         try:
             yield
         except BaseException:
@@ -324,6 +332,12 @@ class CheckpointStore(StoreReader):
             self._check_lock()
             manifest = self.manifest()
             try:
+                if self.local:
+                    # Another tool wrote it, perhaps without fsync: its bytes and its name must be on disk
+                    # before a record vouches for them, or a power cut leaves a committed checkpoint that is
+                    # missing or fails its checksum.
+                    atomicity.fsync_file(self.path(name))
+                    atomicity._fsync_dir(self.root)
                 size, checksum = self._checksum(name)
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{self.url_for(name)} does not exist: nothing to register") from e

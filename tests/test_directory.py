@@ -199,8 +199,17 @@ def test_crash_while_replacing_never_yields_a_mix(
     fresh.sweep_temp()
     with caplog.at_level(logging.WARNING):
         found = resolve(fresh)
-    # The interrupted snapshot is never used (no record describes the new tree); the epoch checkpoint is.
-    assert found.record is not None and found.record.name == "checkpoint_epoch_0.pth"
+    assert found.record is not None
+    if store_url.backend == "local":
+        # The two trees were exchanged atomically and the manifest carried the new tree's record: the complete
+        # new snapshot is recognised and used, never a mix.
+        assert (found.record.name, found.record.global_step) == ("interrupt_checkpoint.pth", 9)
+        with fresh.local_copy("interrupt_checkpoint.pth") as local:
+            assert tree_of(local) == {"meta.pt": b"new"}
+        assert "the new directory is complete and is used" in caplog.text
+    else:
+        # Object stores un-commit the old tree before uploading the new one: the epoch checkpoint is used.
+        assert found.record.name == "checkpoint_epoch_0.pth"
     assert not [n for n in store_url.names() if n.startswith(TMP_PREFIX)]
 
 

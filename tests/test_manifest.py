@@ -5,7 +5,13 @@ import json
 import pytest
 
 from lightning_genesis_ckpt import CheckpointRecord, Manifest, ManifestError
-from lightning_genesis_ckpt.manifest import FORMAT_VERSION, epoch_name, epoch_of_name, role_of_name
+from lightning_genesis_ckpt.manifest import (
+    FORMAT_VERSION,
+    FileEntry,
+    epoch_name,
+    epoch_of_name,
+    role_of_name,
+)
 
 
 def rec(name: str, seq: int, **kw) -> CheckpointRecord:
@@ -105,6 +111,22 @@ def test_intents_roundtrip_and_clear_on_commit() -> None:
     m = m.with_record(rec("best_model.pth", 4)).with_record(rec("a.pth", 5))
     assert (m.replacing, m.deleting) == (frozenset(), frozenset())
     assert m.without(["b.pth"]).deleted(["b.pth"]).deleting == frozenset()
+
+
+def test_a_directory_being_replaced_carries_its_incoming_record() -> None:
+    files = {"shard.bin": FileEntry(3, "crc32:00000001")}
+    old, new = rec("best_model.pth", 1, files=files), rec("best_model.pth", 0, files=files, global_step=9)
+    m = Manifest().with_record(old).replacing_file("best_model.pth", incoming=new)
+    back = Manifest.decode(m.encode(), "m.json")
+    assert back == m and back.incoming == {"best_model.pth": new}
+    assert not m.with_record(new.with_changes(seq=2)).incoming  # committing the name ends it
+    assert not m.without(["best_model.pth"]).incoming
+    assert b"incoming" not in Manifest().with_record(old).encode()  # written only when set
+    # Only a directory being replaced may have one: anything else is a damaged manifest.
+    doc = json.loads(m.encode())
+    doc["replacing"] = []
+    with pytest.raises(ManifestError, match="incoming record"):
+        Manifest.decode(json.dumps(doc).encode(), "m.json")
 
 
 def _doc(**extra: object) -> bytes:
