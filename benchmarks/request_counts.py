@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/request_counts.py            # prints a table and one JSON line
 
-A real Trainer fits a tiny model for four epochs with ``GenesisCheckpoint(monitor=..., keep_last=1)`` whose
-metric improves every epoch, so every epoch end does the common work: a new rolling checkpoint, the
-``best_model.pth`` copy, and the deletion of the previous rolling checkpoint. The counts are taken between
+A real Trainer fits a tiny model for four epochs with ``GenesisCheckpoint(monitor=..., keep_last=1)``, twice:
+its metric improves every epoch ("improved": a new rolling checkpoint, the ``best_model.pth`` copy, and the
+deletion of the previous rolling checkpoint), or only in the first ("plain": no best copy). The counts are taken between
 the starts of two consecutive epochs (the third epoch's end: steady state, nothing left from the first run),
 on a local disk and on the moto S3 server on loopback (every request the server receives is recorded).
 
@@ -44,6 +44,14 @@ MEASURED = 2  # the end of this epoch is measured
 class Improving(TinyModel):
     def on_train_epoch_end(self) -> None:
         self.log("score", 10.0 - self.current_epoch)
+
+
+class Plateau(TinyModel):
+    def on_train_epoch_end(self) -> None:
+        self.log("score", 10.0 if self.current_epoch == 0 else 0.0)
+
+
+MODELS = {"improved": Improving, "plain": Plateau}
 
 
 class LocalCounter:
@@ -128,23 +136,23 @@ class Meter(pl.Callback):
         self.marks.append(self.counter.snapshot())
 
 
-def fit(dirpath: str, counter: Any, storage_options: dict[str, Any] | None = None) -> Meter:
+def fit(dirpath: str, counter: Any, model: str, storage_options: dict[str, Any] | None = None) -> Meter:
     pl.seed_everything(0, verbose=False)
     meter = Meter(counter)
     ckpt = GenesisCheckpoint(
         dirpath, monitor="score", keep_last=1, storage_options=storage_options, verbose=False
     )
     train, val = loaders()
-    make_trainer([ckpt, meter], EPOCHS).fit(Improving(), train, val)
+    make_trainer([ckpt, meter], EPOCHS).fit(MODELS[model](), train, val)
     return meter
 
 
-def local() -> dict[str, int]:
+def local(model: str) -> dict[str, int]:
     with tempfile.TemporaryDirectory(prefix="genesis-requests-") as tmp:
         counter = LocalCounter()
         counter.install()
         try:
-            meter = fit(os.path.join(tmp, "ck"), counter)
+            meter = fit(os.path.join(tmp, "ck"), counter, model)
         finally:
             counter.uninstall()
     before, after = meter.marks[MEASURED], meter.marks[MEASURED + 1]
@@ -152,14 +160,14 @@ def local() -> dict[str, int]:
     return {k: after.get(k, 0) - before.get(k, 0) for k in keys}
 
 
-def s3() -> dict[str, int]:
+def s3(model: str) -> dict[str, int]:
     server = S3Server().start()
     try:
         options = server.storage_options()
-        bucket = "genesis-requests"
+        bucket = f"genesis-requests-{uuid.uuid4().hex[:8]}"
         fsspec.filesystem("s3", skip_instance_cache=True, **options).mkdir(bucket)
         root = f"{bucket}/{uuid.uuid4().hex}"
-        meter = fit(f"s3://{root}", S3Counter(server, root), options)
+        meter = fit(f"s3://{root}", S3Counter(server, root), model, options)
     finally:
         server.stop()
     before, after = meter.marks[MEASURED], meter.marks[MEASURED + 1]
@@ -176,12 +184,17 @@ def s3() -> dict[str, int]:
 
 
 def main() -> None:
-    results = {"local": local(), "s3": s3()}
+    results = {
+        f"{model} {backend}": run(model)
+        for model in MODELS
+        for backend, run in (("local", local), ("s3", s3))
+    }
     print(
-        f"one improved epoch (new rolling checkpoint, best_model.pth copy, one deletion), epoch {MEASURED}:"
+        f"one epoch end (epoch {MEASURED}); improved: rolling checkpoint, best_model.pth copy, one deletion;"
     )
-    for backend, counts in results.items():
-        print(f"  {backend}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    print("plain: rolling checkpoint, one deletion")
+    for case, counts in results.items():
+        print(f"  {case}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     print(json.dumps(results))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lightning_genesis_ckpt.core.names import TMP_PREFIX
-from lightning_genesis_ckpt.storage.atomicity import RenameCommit
+from lightning_genesis_ckpt.storage.atomicity import RenameCommit, makedirs
 
 
 class Recording(RenameCommit):
@@ -62,3 +62,14 @@ def test_copy_hard_links_and_replaces(tmp_path: Path) -> None:
     assert (tmp_path / "b").read_bytes() == b"A"
     assert os.stat(tmp_path / "a").st_ino == os.stat(tmp_path / "b").st_ino
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+def test_makedirs_creates_what_is_missing_and_refuses_a_file_in_the_way(tmp_path: Path) -> None:
+    # That each new level is fsync'd into its parent is proven on a real trace by
+    # tests/test_crash_states.py::test_a_new_dirpath_is_durable_when_the_first_commit_returns.
+    makedirs(str(tmp_path / "a" / "b" / "c"))
+    makedirs(str(tmp_path / "a" / "b" / "c"))  # already there: nothing to do
+    assert (tmp_path / "a" / "b" / "c").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="file"):
+        makedirs(str(tmp_path / "file" / "sub"))

@@ -216,6 +216,22 @@ def test_crash_while_replacing_never_yields_a_mix(
     assert not [n for n in store_url.names() if n.startswith(TMP_PREFIX)]
 
 
+def test_a_replacement_left_by_format_version_2_is_settled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Version 2 exchanged the trees and carried the new tree's record in the manifest's ``incoming``.
+    store = CheckpointStore(str(tmp_path))
+    old = store.save_directory("interrupt_checkpoint.pth", writer(TREE), global_step=5)
+    new = store.save_directory("interrupt_checkpoint.pth", writer({"meta.pt": b"new"}), global_step=9)
+    name = {"interrupt_checkpoint.pth"}
+    legacy = Manifest({old.name: old}, replacing=frozenset(name), incoming={new.name: new})
+    (tmp_path / MANIFEST_NAME).write_bytes(legacy.encode())
+    with caplog.at_level(logging.WARNING):
+        found = resolve(CheckpointStore(str(tmp_path)))
+    assert found.record is not None and found.record.global_step == 9
+    assert "the new directory is complete and is used" in caplog.text
+
+
 def test_copy_of_a_directory(store_url: StoreTarget) -> None:
     store = store_url.store()
     src = store.save_directory("checkpoint_epoch_1.pth", writer(TREE), epoch=1, global_step=10)

@@ -7,7 +7,7 @@ import pytest
 from lightning_genesis_ckpt import CheckpointRecord, ManifestError
 from lightning_genesis_ckpt.core.manifest import FORMAT_VERSION, Manifest
 from lightning_genesis_ckpt.core.names import epoch_name, epoch_of_name, role_of_name
-from lightning_genesis_ckpt.core.records import Stamp
+from lightning_genesis_ckpt.core.records import FileEntry, Stamp
 
 
 def rec(name: str, seq: int, **kw) -> CheckpointRecord:
@@ -117,6 +117,17 @@ def test_manifests_of_earlier_versions_are_read() -> None:
     old = _doc(version=2, checkpoints=[rec("a.pth", 1).to_json()], deleting=["b.pth"], replacing=["a.pth"])
     m = Manifest.decode(old, "m.json")
     assert (m.deleting, m.replacing) == ({"b.pth": None}, {"a.pth"})
+    # and a directory being replaced with the record of its new tree, which only such a name may have.
+    tree = rec("d.pth", 2, files={"shard.bin": FileEntry(3, "crc32:00000001")})
+    doc = {
+        "version": 2,
+        "checkpoints": [tree.to_json()],
+        "replacing": ["d.pth"],
+        "incoming": [tree.to_json()],
+    }
+    assert Manifest.decode(_doc(**doc), "m.json").incoming == {"d.pth": tree}
+    with pytest.raises(ManifestError, match="incoming record"):
+        Manifest.decode(_doc(**{**doc, "replacing": []}), "m.json")
 
 
 def test_non_finite_metrics_round_trip_as_strict_json() -> None:

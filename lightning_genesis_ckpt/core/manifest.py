@@ -41,6 +41,7 @@ class Manifest:
             An entry written by version 2 or earlier has no stamp (None).
         replacing: written by version 2 and earlier only: names a writer was replacing in place when it wrote
             this manifest. Settled when read; a transaction marks replacements with its intent markers instead.
+        incoming: written by version 2 only: for a directory in ``replacing``, the record of its new tree.
         generation: how many times the manifest was written; every write has a different one, so a
             conditional write (S3 ``If-Match``) can tell two writes with identical records apart.
         writer: the lock token of the run that wrote it.
@@ -50,6 +51,7 @@ class Manifest:
     next_seq: int = 1
     deleting: Mapping[str, Stamp | None] = field(default_factory=dict)
     replacing: frozenset[str] = frozenset()
+    incoming: Mapping[str, CheckpointRecord] = field(default_factory=dict)
     generation: int = 0
     writer: str | None = None
 
@@ -71,6 +73,7 @@ class Manifest:
             next_seq=max(self.next_seq, record.seq + 1),
             deleting=deleting,
             replacing=self.replacing - {record.name},
+            incoming={n: r for n, r in self.incoming.items() if n != record.name},
         )
 
     def without(self, names: Iterable[str]) -> Manifest:
@@ -79,7 +82,11 @@ class Manifest:
         gone = {n: r.stamp for n, r in self.records.items() if n in drop}
         records = {n: r for n, r in self.records.items() if n not in drop}
         return replace(
-            self, records=records, deleting={**self.deleting, **gone}, replacing=self.replacing - drop
+            self,
+            records=records,
+            deleting={**self.deleting, **gone},
+            replacing=self.replacing - drop,
+            incoming={n: r for n, r in self.incoming.items() if n not in drop},
         )
 
     def deleted(self, names: Iterable[str]) -> Manifest:
@@ -105,6 +112,8 @@ class Manifest:
             }
         if self.replacing:
             doc["replacing"] = sorted(self.replacing)
+        if self.incoming:
+            doc["incoming"] = [r.to_json() for _, r in sorted(self.incoming.items())]
         return (json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
     def _version(self) -> int:
@@ -163,6 +172,9 @@ class Manifest:
             raise TypeError(f"writer must be a string, got {writer!r}")
         deleting = _deleting(doc.get("deleting"), version)
         replacing = _names(doc.get("replacing"))
+        incoming = [CheckpointRecord.from_json(r) for r in doc.get("incoming") or []]
+        if any(r.name not in replacing or not r.is_directory for r in incoming):
+            raise ManifestError(path, "an incoming record is not a directory being replaced")
         if version < _DIRECTORY_VERSION and any(r.is_directory for r in records):
             raise ManifestError(path, f"directory records need format version 2, the manifest says {version}")
         names = [r.name for r in records]
@@ -175,7 +187,13 @@ class Manifest:
             raise ManifestError(path, "a file name is listed twice")
         top = max((r.seq for r in records), default=0)
         return cls(
-            {r.name: r for r in records}, max(next_seq, top + 1), deleting, replacing, generation, writer
+            {r.name: r for r in records},
+            max(next_seq, top + 1),
+            deleting,
+            replacing,
+            {r.name: r for r in incoming},
+            generation,
+            writer,
         )
 
 

@@ -26,6 +26,7 @@ Publishing puts a file's complete bytes under its final name; *committing* is th
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import uuid
@@ -102,6 +103,34 @@ def fsync_directory(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def makedirs(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)`` on a local disk, whose new directories survive a power cut.
+
+    A new directory is an entry of its parent, on disk only once the parent is fsync'd; until then a power cut
+    can take it, and every checkpoint committed inside it, away. So each directory created here is fsync'd
+    into its parent, from the deepest existing ancestor down. A directory that already exists costs one
+    ``stat``.
+    """
+    missing: list[str] = []
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for i, directory in enumerate(reversed(missing)):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            if not os.path.isdir(directory):  # a file in the way: the error os.makedirs gives
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from None
+        # The existing ancestor may be writable but not readable (then it cannot be opened to fsync): as
+        # durable as that directory's owner allows. The ones created here are always ours to fsync.
+        with contextlib.suppress(PermissionError) if i == 0 else contextlib.nullcontext():
+            fsync_directory(os.path.dirname(directory))
 
 
 class CommitStrategy(Protocol):

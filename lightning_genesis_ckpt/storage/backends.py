@@ -32,7 +32,7 @@ import fsspec.asyn
 from fsspec import AbstractFileSystem
 
 from ._faults import fault_point
-from .atomicity import RenameCommit, is_posix_local, is_s3, temp_name
+from .atomicity import RenameCommit, fsync_directory, is_posix_local, is_s3, temp_name
 
 
 class Conflict(Exception):
@@ -155,8 +155,10 @@ class LocalObjectIO:
 
     def create(self, path: str, data: bytes) -> Any:
         # A complete temporary file hard-linked to the name: link(2) fails if the name exists, so readers
-        # never see a half-written object.
-        tmp = os.path.join(os.path.dirname(path), temp_name(os.path.basename(path)))
+        # never see a half-written object. The directory is fsync'd so that the new name (the commit point
+        # of a first manifest) survives a power cut once this returns.
+        directory = os.path.dirname(path)
+        tmp = os.path.join(directory, temp_name(os.path.basename(path)))
         try:
             with open(tmp, "xb") as f:
                 f.write(data)
@@ -169,6 +171,7 @@ class LocalObjectIO:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
+        fsync_directory(directory)
         return self.tag(path)
 
     def replace(self, path: str, data: bytes, tag: Any, *, fault: str | None = None) -> Any:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from ..core.errors import CheckpointCorruptError
 from ..core.names import DIRECTORY_RECORD, TMP_PREFIX, is_reserved
 from ..core.records import CheckpointRecord, FileEntry, Stamp, tree_digest
-from . import serialization
+from . import markers, serialization
 from .atomicity import fsync_directory, temp_name
 from .location import Location
 
@@ -116,6 +116,28 @@ def tree_stamp(loc: Location, name: str) -> Stamp:
     return Stamp(*tree_digest(files))
 
 
+def remains_of(loc: Location, name: str, stamp: Stamp) -> bool:
+    """Whether the directory ``name`` is what is left of the tree ``stamp`` describes after a removal that
+    stopped half-way: it still carries that tree's record (removed last), and every file left matches it."""
+    data = read_record(loc, name)
+    try:
+        record = CheckpointRecord.from_json(json.loads(data)) if data is not None else None
+    except (ValueError, TypeError, KeyError):
+        return False
+    if record is None or record.files is None or record.stamp != stamp:
+        return False
+    for rel in _listing(loc, name):
+        if rel == DIRECTORY_RECORD:
+            continue
+        entry = record.files.get(rel)
+        if entry is None:
+            return False
+        with loc.storage_errors("read", name), loc.fs.open(f"{loc.path(name)}/{rel}", "rb") as f:
+            if FileEntry(*serialization.checksum_stream(f)) != entry:
+                return False
+    return True
+
+
 # ------------------------------------------------------------------------------------------ verifying
 def verify(loc: Location, record: CheckpointRecord, sink_dir: str | None = None) -> None:
     """Check every file of a directory checkpoint; with ``sink_dir``, copy each one there while reading it.
@@ -164,15 +186,40 @@ def local_copy(loc: Location, record: CheckpointRecord) -> Iterator[str]:
         CheckpointCorruptError: a file is damaged.
     """
     if loc.local:
-        verify(loc, record)
+        verify_current(loc, record)
         yield loc.path(record.name)
         return
     staging = tempfile.mkdtemp(prefix="genesis-download-")
     try:
-        verify(loc, record, os.path.join(staging, record.name))
+        verify_current(loc, record, os.path.join(staging, record.name))
         yield os.path.join(staging, record.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def verify_current(loc: Location, record: CheckpointRecord, sink_dir: str | None = None) -> CheckpointRecord:
+    """:func:`verify` ``record``'s tree, or the new tree its intent marker announces (a replacement in
+    progress, or one a stopped writer did not commit: the holder settles it, a reader accepts it); returns
+    the record the tree matched.
+
+    Raises:
+        FileNotFoundError, CheckpointCorruptError: the tree matches neither (``record``'s error).
+    """
+    try:
+        verify(loc, record, sink_dir)
+        return record
+    except (CheckpointCorruptError, FileNotFoundError) as e:
+        found = markers.read(loc, record.name)
+        new = None if found is None else found.record
+        if new is None or new.files is None or new.name != record.name:
+            raise
+        if sink_dir is not None:
+            shutil.rmtree(sink_dir, ignore_errors=True)
+        try:
+            verify(loc, new, sink_dir)
+        except (CheckpointCorruptError, FileNotFoundError):
+            raise e from None
+        return new
 
 
 # ---------------------------------------------------------------------------------------- committing

@@ -45,8 +45,40 @@ def structure_damage(f: IO[bytes]) -> str | None:
     """Why ``f`` cannot be a torch checkpoint (the file's structure is broken), or None if it could be.
 
     Reads the file but never unpickles anything: zip archives are checked member by member (CRC included) and
-    pickles are parsed opcode by opcode.
+    pickles are parsed opcode by opcode. A read that fails (EIO) is raised as itself, never taken for damage
+    (``zipfile`` would report it as "not a zip file").
     """
+    watched = _Watched(f)
+    damage = _structure_damage(watched)  # type: ignore[arg-type]
+    if watched.error is not None:
+        raise watched.error
+    return damage
+
+
+class _Watched:
+    """A file object that remembers the first I/O error of a read or a seek."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.f, name)
+        if name not in ("read", "seek", "tell", "readinto", "readline"):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except OSError as e:
+                if self.error is None:
+                    self.error = e
+                raise
+
+        return call
+
+
+def _structure_damage(f: IO[bytes]) -> str | None:
     f.seek(0)
     head = f.read(4)
     f.seek(0)
@@ -89,9 +121,8 @@ def _parse_pickle(f: IO[bytes]) -> Any:
 
 def _not_damage(error: BaseException) -> bool:
     # Failures of the machine, not of the file: the load would work on a healthier day or another device.
-    return isinstance(error, (MemoryError, OSError, torch.OutOfMemoryError)) and not isinstance(
-        error, CheckpointCorruptError
-    )
+    # (An OSError may be either: torch's zip reader says EINVAL for a truncated archive. The file decides.)
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError))
 
 
 def load(

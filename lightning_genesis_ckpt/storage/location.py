@@ -20,10 +20,10 @@ import fsspec
 from fsspec import AbstractFileSystem
 
 from ..core.errors import is_storage_client_error
-from ..core.names import MANIFEST_NAME
+from ..core.names import DIRECTORY_RECORD, MANIFEST_NAME, is_temp_name
 from ..core.records import Stamp
 from . import backends, serialization
-from .atomicity import CommitStrategy, fsync_directory, is_posix_local, strategy_for, temp_name
+from .atomicity import CommitStrategy, is_posix_local, makedirs, strategy_for, temp_name
 from .backends import ObjectIO, object_io_for
 
 log = logging.getLogger(__name__)
@@ -195,15 +195,7 @@ class Location:
     def ensure_directory(self) -> None:
         """Create the directory if it is missing; a new local directory is made durable in its parent."""
         if self.local:
-            created = []
-            path = os.path.abspath(self.root)
-            while not os.path.isdir(path):
-                created.append(path)
-                path = os.path.dirname(path)
-            if created:
-                os.makedirs(self.root, exist_ok=True)
-                for new in reversed(created):  # each new directory's entry, durable in its parent
-                    fsync_directory(os.path.dirname(new))
+            makedirs(self.root)
             return
         # On object stores a directory is only a key prefix: "creating" it is a request (s3fs: HEAD bucket)
         # that proves nothing, so it is done once.
@@ -248,9 +240,28 @@ class Location:
             return []
 
     def discard_tree(self, name: str) -> bool:
-        """Remove the directory ``name`` and everything in it (a missing one counts); False on failure."""
+        """Remove the directory ``name`` and everything in it (a missing one counts); False on failure.
+
+        Never half a tree under its name where that can be avoided: on a local disk the tree is first renamed
+        to a temporary name (one atomic step; a crash leaves it whole, or swept as a temp). An object store
+        removes its objects one batch at a time, so the tree's own record (``.genesis_record.json``) goes
+        last: whatever a crash leaves still carries it and is recognised as the remains of the tree.
+        """
+        path = self.path(name)
         try:
-            self.fs.rm(self.path(name), recursive=True)
+            if self.local:
+                if not is_temp_name(name):
+                    aside = self.path(temp_name(name))
+                    os.rename(path, aside)
+                    path = aside
+                shutil.rmtree(path)
+            else:
+                record = f"{path.rstrip('/')}/{DIRECTORY_RECORD}"
+                found = [str(p) for p in self.fs.find(path, withdirs=False)]
+                rest = [p for p in found if p != record]
+                if rest:
+                    self.fs.rm(rest)
+                self.fs.rm(path, recursive=True)
         except FileNotFoundError:
             pass
         except Exception as e:

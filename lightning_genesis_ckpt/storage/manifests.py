@@ -169,7 +169,10 @@ def settle_legacy_replacements(loc: Location, manifest: Manifest) -> Manifest:
     """Resolve the ``replacing`` list an earlier version's writer left; returns a manifest without it."""
     for name in sorted(manifest.replacing):
         old = manifest.get(name)
-        if old is None or old.is_directory:
+        if old is None:
+            continue
+        if old.is_directory:
+            manifest = _settle_legacy_directory(loc, manifest, old)
             continue
         try:
             stamp = loc.checksum(name)
@@ -186,4 +189,27 @@ def settle_legacy_replacements(loc: Location, manifest: Manifest) -> Manifest:
             "%s was being replaced when its writer stopped; the new content is complete and is used",
             loc.url_for(name),
         )
-    return replace(manifest, replacing=frozenset())
+    return replace(manifest, replacing=frozenset(), incoming={})
+
+
+def _settle_legacy_directory(loc: Location, manifest: Manifest, old: CheckpointRecord) -> Manifest:
+    # Version 2 exchanged the two trees atomically and carried the new tree's record in ``incoming``.
+    if _tree_matches(loc, old):
+        return manifest
+    new = manifest.incoming.get(old.name)
+    if new is not None and _tree_matches(loc, new):
+        log.warning(
+            "%s was being replaced when its writer stopped; the new directory is complete and is used",
+            loc.url_for(old.name),
+        )
+        return manifest.with_record(new.with_changes(role=old.role, seq=manifest.next_seq))
+    log.warning("%s changed during an interrupted commit and cannot be recovered", loc.url_for(old.name))
+    return manifest
+
+
+def _tree_matches(loc: Location, record: CheckpointRecord) -> bool:
+    try:
+        directory.verify(loc, record)
+    except (CheckpointCorruptError, FileNotFoundError):
+        return False
+    return True

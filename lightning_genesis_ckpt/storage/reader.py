@@ -156,8 +156,8 @@ class StoreReader:
         """
         record = self._listed(name)
         if record.is_directory:
-            directory.verify(self.loc, record)  # every file, and no file it does not list
-            return record
+            # Every file, and no file it does not list (or the new tree its intent marker announces).
+            return directory.verify_current(self.loc, record)
         display = self.url_for(name)
         loading.fetch(self.loc, record, None, loading.replacement_check(self.loc, record, display))
         return record

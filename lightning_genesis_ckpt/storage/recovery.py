@@ -9,7 +9,8 @@ each step with a warning:
   either its old bytes (the marker goes) or the complete new bytes the marker describes, which are adopted
   with their record;
 * **``deleting`` entries** of a deletion left half-done: a file is removed only if its size and checksum are
-  still those of the checkpoint that was deleted; a file the user has put back under the name is left alone;
+  still those of the checkpoint that was deleted (a directory: or it is what a removal stopped half-way left
+  of it, :func:`.directory.remains_of`); a file the user has put back under the name is left alone;
 * **a missing or unreadable manifest**: rebuilt from the files (:mod:`.manifests`) and written back;
 * **a backup of ``genesis.save``** left by a killed save: settled by the next save (:func:`settle_backup`).
 
@@ -163,7 +164,7 @@ def finish_deletions(
                 name, manifests.embedded_fields(loc, name, "finishing a deletion")
             )
         else:
-            ours = _stamp(loc, name, tree) == stamp
+            ours = _stamp(loc, name, tree) == stamp or (tree and directory.remains_of(loc, name, stamp))
         if not ours:
             log.warning(
                 "left %s in place: it is no longer the checkpoint that was deleted (put back by hand?)",
