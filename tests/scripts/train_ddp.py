@@ -54,7 +54,10 @@ def main() -> None:
         if not args.catch:
             raise
         error = {"rank": rank, "type": type(e).__name__, "message": str(e)}
-        print("FIT_ERROR:" + json.dumps(error), flush=True)
+        # Both ranks share one stdout pipe: one write(2) of a line under PIPE_BUF is never interleaved with
+        # the other rank's output (print may split it into several writes).
+        sys.stdout.flush()
+        os.write(1, ("\nFIT_ERROR:" + json.dumps(error) + "\n").encode())
         sys.exit(3)
     print_result(trainer, callbacks[0], weights_digest(model), rank=trainer.global_rank)
 
