@@ -39,11 +39,11 @@ import torch  # noqa: E402
 from crash_harness import KillExperiment  # noqa: E402
 from faultyfs import FaultyFileSystem  # noqa: E402
 
-from lightning_genesis_ckpt import CheckpointSaveError, CheckpointStore, resolve  # noqa: E402
-from lightning_genesis_ckpt._faults import POINTS  # noqa: E402
-from lightning_genesis_ckpt.atomicity import is_temp_name  # noqa: E402
-from lightning_genesis_ckpt.callback import _validate_training_checkpoint  # noqa: E402
-from lightning_genesis_ckpt.manifest import MANIFEST_NAME, epoch_name  # noqa: E402
+from lightning_genesis_ckpt import CheckpointSaveError, CheckpointStore  # noqa: E402
+from lightning_genesis_ckpt.adapter.ckpt_paths import validate_training_checkpoint  # noqa: E402
+from lightning_genesis_ckpt.core.names import MANIFEST_NAME, epoch_name, is_temp_name  # noqa: E402
+from lightning_genesis_ckpt.storage._faults import POINTS  # noqa: E402
+from lightning_genesis_ckpt.storage.resume import resolve  # noqa: E402
 
 
 @dataclass
@@ -161,7 +161,7 @@ def _check_disk_trial(
         if data != before[name] and name != target:
             row.fail("committed checkpoints lost", f"trial {i}: {name} changed")
     listed = {*now, MANIFEST_NAME}
-    left = sorted(n for n in store._list_names() if n not in listed or is_temp_name(n))
+    left = sorted(n for n in store.list_names() if n not in listed or is_temp_name(n))
     if left:
         row.fail("files left behind", f"trial {i}: {left}")
 
@@ -224,7 +224,7 @@ def rot_row(trials: int, seed: int, workdir: Path) -> Row:
         row.trials += 1
         expected = n if damage == "manifest garbage" else n - 1
         try:
-            found = resolve(CheckpointStore(url, verbose=False), validate=_validate_training_checkpoint)
+            found = resolve(CheckpointStore(url, verbose=False), validate=validate_training_checkpoint)
         except Exception as e:
             row.fail("raw errors", f"trial {i} {damage}: {e!r}")
             continue

@@ -2,6 +2,10 @@
 
 ``import lightning_genesis_ckpt as genesis`` also gives the Genesis serialization API (``genesis.save``,
 ``genesis.load``, ...) and ``CheckpointManager`` for plain PyTorch loops, on the same store.
+
+The package is layered (see ``docs/design.md``): ``core`` (records, names, the manifest format, policies;
+pure), ``storage`` (transactions, the lock, reading, recovery), ``adapter`` (the Lightning callback), ``api``
+(the Genesis API) and the CLI. This namespace holds what users call.
 """
 
 from __future__ import annotations
@@ -9,9 +13,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .api import load, load_checkpoint, save, save_checkpoint
-from .deploy import export
-from .errors import (
+from .api.deploy import export
+from .api.functional import load, load_checkpoint, save, save_checkpoint
+from .api.importer import import_checkpoint
+from .api.manager import CheckpointManager
+from .api.tools import LoadReport, load_state_dict_into, validate_checkpoint
+from .api.versions import Version, list_versions, load_version, save_version, tag_version
+from .core.errors import (
     CheckpointCorruptError,
     CheckpointSaveError,
     GenesisCheckpointError,
@@ -20,16 +28,12 @@ from .errors import (
     StoreLockedError,
     UnsafeCheckpointError,
 )
-from .importer import import_checkpoint
-from .manager import CheckpointManager
-from .manifest import CheckpointRecord, Manifest
-from .resume import Resolution, resolve
-from .store import CheckpointStore, StoreReader
-from .tools import LoadReport, load_state_dict_into, validate_checkpoint
-from .versions import Version, list_versions, load_version, save_version, tag_version
+from .core.preservation import AnyOf, BestN, EveryNSeconds, EveryNSteps, KeepFor, LatestN
+from .core.records import CheckpointRecord
+from .storage.store import CheckpointStore
 
 if TYPE_CHECKING:
-    from .callback import GenesisCheckpoint
+    from .adapter.callback import GenesisCheckpoint
 
 __version__ = "0.1.0"
 
@@ -38,27 +42,30 @@ def __getattr__(name: str) -> Any:
     # GenesisCheckpoint needs Lightning, whose import takes seconds; the store, the functional API and the
     # CLI do not, so it is imported on first use only.
     if name == "GenesisCheckpoint":
-        from .callback import GenesisCheckpoint
+        from .adapter.callback import GenesisCheckpoint
 
         return GenesisCheckpoint
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
+    "AnyOf",
+    "BestN",
     "CheckpointCorruptError",
     "CheckpointManager",
     "CheckpointRecord",
     "CheckpointSaveError",
     "CheckpointStore",
+    "EveryNSeconds",
+    "EveryNSteps",
     "GenesisCheckpoint",
     "GenesisCheckpointError",
+    "KeepFor",
+    "LatestN",
     "LoadReport",
-    "Manifest",
     "ManifestError",
     "MonitorNotFoundError",
-    "Resolution",
     "StoreLockedError",
-    "StoreReader",
     "UnsafeCheckpointError",
     "Version",
     "__version__",
@@ -69,7 +76,6 @@ __all__ = [
     "load_checkpoint",
     "load_state_dict_into",
     "load_version",
-    "resolve",
     "save",
     "save_checkpoint",
     "save_version",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -32,6 +33,20 @@ def _propagate_library_logs() -> Iterator[None]:
     logger.propagate = True
     yield
     logger.propagate = old
+
+
+@pytest.fixture(autouse=True)
+def _no_lock_outlives_its_test() -> Iterator[None]:
+    """Every lock a test takes is released by the end of that test (a leaked one would block the next)."""
+    from lightning_genesis_ckpt.storage import writers
+
+    yield
+    gc.collect()  # a CheckpointManager releases its lock when it is collected
+    held = writers.held_directories()
+    for writer in held:
+        writer.drop_lock()
+        writers.forget(writer)
+    assert not held, f"locks still held after the test: {[w.key for w in held]}"
 
 
 @pytest.fixture(scope="session")

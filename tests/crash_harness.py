@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 
-from lightning_genesis_ckpt import CheckpointStore, ManifestError, resolve
-from lightning_genesis_ckpt._faults import ENV, POINTS
-from lightning_genesis_ckpt.atomicity import is_temp_name
-from lightning_genesis_ckpt.manifest import MANIFEST_NAME, Manifest
+from lightning_genesis_ckpt import CheckpointStore, ManifestError
+from lightning_genesis_ckpt.core.manifest import Manifest
+from lightning_genesis_ckpt.core.names import MANIFEST_NAME, is_temp_name
+from lightning_genesis_ckpt.storage._faults import ENV, POINTS
+from lightning_genesis_ckpt.storage.resume import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "scripts" / "crash_worker.py"
@@ -105,7 +106,7 @@ def inspect(dirpath: str, epochs_started: int) -> Inspection:
     if not manifest_missing:
         try:
             on_disk = Manifest.decode(Path(dirpath, MANIFEST_NAME).read_bytes(), MANIFEST_NAME)
-            deleting = set(on_disk.deleting & set(names)) - set(on_disk.records)
+            deleting = set(on_disk.deleting).intersection(names) - set(on_disk.records)
         except ManifestError as e:
             problems.append(f"manifest does not parse: {e}")
     for name in finals:

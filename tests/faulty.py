@@ -12,9 +12,10 @@ PROTOCOL = "faultymem"
 
 
 class FaultyMemoryFileSystem(MemoryFileSystem):
-    """``faultymem://``: memory:// with its own store, whose ``open`` raises ENOSPC when ``fail_on`` says so.
+    """``faultymem://``: memory:// with its own store, whose ``open`` and ``pipe_file`` raise ENOSPC when
+    ``fail_on`` says so.
 
-    ``fail_on(path, mode)`` is consulted on every open; set it to None to stop failing.
+    ``fail_on(path, mode)`` is consulted on every open and every one-request write; None stops failing.
     """
 
     protocol = (PROTOCOL,)
@@ -33,6 +34,13 @@ class FaultyMemoryFileSystem(MemoryFileSystem):
         if fail_on is not None and fail_on(self._strip_protocol(path), mode):
             raise OSError(28, f"No space left on device (injected) writing {path}")
         return super()._open(path, mode, *args, **kwargs)
+
+    def pipe_file(self, path: str, value: bytes, *args: Any, **kwargs: Any) -> None:
+        # A payload sent in one request fails on cue too, like a PUT.
+        fail_on = type(self).fail_on
+        if fail_on is not None and fail_on(self._strip_protocol(path), "wb"):
+            raise OSError(28, f"No space left on device (injected) writing {path}")
+        super().pipe_file(path, value, *args, **kwargs)
 
 
 fsspec.register_implementation(PROTOCOL, FaultyMemoryFileSystem, clobber=True)

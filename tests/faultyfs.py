@@ -6,7 +6,9 @@ transactions) with its own contents, plus, set through ``storage_options`` or la
 * ``capacity``: bytes the whole filesystem holds; a write past it fails with ``ENOSPC`` partway, like a full
   disk (deleting files frees space again);
 * ``fail_match`` / ``fail_errno`` / ``fail_after``: writes to paths containing ``fail_match`` fail with that
-  errno once ``fail_after`` bytes of the file are written.
+  errno once ``fail_after`` bytes of the file are written;
+* ``fail_read_match``: reads of paths containing it fail with ``fail_errno`` once ``fail_after`` bytes of the
+  file were read (a disk whose sectors went bad, an NFS server gone away).
 
 Nothing of the library is mocked: the failures come from the filesystem the store writes to.
 """
@@ -38,6 +40,28 @@ class FaultyFile(MemoryFile):
         return super().write(data)
 
 
+class FaultyReadFile(MemoryFile):
+    def __init__(self, fs: FaultyFileSystem, path: str, data: bytes) -> None:
+        super().__init__(fs, path, data)
+        self.faulty = fs
+
+    def read(self, size: int | None = -1) -> bytes:
+        fs = self.faulty
+        n = len(self.getbuffer()) - self.tell() if size is None or size < 0 else size
+        if (
+            fs.fail_read_match is not None
+            and fs.fail_read_match in self.path
+            and self.tell() + n > fs.fail_after
+        ):
+            raise OSError(fs.fail_errno, os.strerror(fs.fail_errno), self.path)
+        return super().read(size)
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(memoryview(b)))
+        memoryview(b)[: len(data)] = data
+        return len(data)
+
+
 class FaultyFileSystem(MemoryFileSystem):
     protocol = PROTOCOL
     store: ClassVar[dict[str, Any]] = {}  # separate from memory://
@@ -50,6 +74,7 @@ class FaultyFileSystem(MemoryFileSystem):
         fail_match: str | None = None,
         fail_errno: int = errno.EIO,
         fail_after: int = 0,
+        fail_read_match: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -57,6 +82,7 @@ class FaultyFileSystem(MemoryFileSystem):
         self.fail_match = fail_match
         self.fail_errno = fail_errno
         self.fail_after = fail_after
+        self.fail_read_match = fail_read_match
 
     def used(self) -> int:
         return sum(f.size for f in self.store.values())
@@ -70,7 +96,10 @@ class FaultyFileSystem(MemoryFileSystem):
             if not self._intrans:
                 f.commit()
             return f
-        return super()._open(path, mode, **kwargs)
+        f = super()._open(path, mode, **kwargs)
+        if self.fail_read_match is not None and isinstance(f, MemoryFile):
+            return FaultyReadFile(self, f.path, f.getvalue())
+        return f
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
         # memory:// stores a piped payload without opening a file; route it through FaultyFile so that

@@ -32,6 +32,10 @@ class Request:
     method: str
     path: str
     query: dict[str, list[str]]
+    #: The ``If-Match`` / ``If-None-Match`` precondition the request carried, if any (``"If-Match: <etag>"``).
+    condition: str | None = None
+    #: The source of a server-side copy (``x-amz-copy-source``), if the request is one.
+    copy_source: str | None = None
 
     @property
     def is_listing(self) -> bool:
@@ -47,16 +51,24 @@ class Request:
 class _Recorder:
     """WSGI middleware that appends every request to a list before moto handles it."""
 
+    CONDITIONS = (("If-Match", "HTTP_IF_MATCH"), ("If-None-Match", "HTTP_IF_NONE_MATCH"))
+
     def __init__(self, app: Any) -> None:
         self.app = app
         self.log: list[Request] = []
         self.lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        condition = next(
+            (f"{h}: {environ[k]}" for h, k in self.CONDITIONS if k in environ),
+            None,
+        )
         req = Request(
             environ["REQUEST_METHOD"],
             environ.get("PATH_INFO", ""),
             parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True),
+            condition,
+            environ.get("HTTP_X_AMZ_COPY_SOURCE"),
         )
         with self.lock:
             self.log.append(req)

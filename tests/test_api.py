@@ -19,9 +19,9 @@ from torch import nn
 
 import lightning_genesis_ckpt as genesis
 from lightning_genesis_ckpt import CheckpointCorruptError, UnsafeCheckpointError
-from lightning_genesis_ckpt.api import BACKUP_SUFFIX, file_store, save_into
-from lightning_genesis_ckpt.atomicity import TMP_PREFIX, RenameCommit
-from lightning_genesis_ckpt.manifest import MANIFEST_NAME
+from lightning_genesis_ckpt.api.functional import file_store, save_into
+from lightning_genesis_ckpt.core.names import BACKUP_SUFFIX, MANIFEST_NAME, TMP_PREFIX
+from lightning_genesis_ckpt.storage.atomicity import RenameCommit
 
 
 def model_state(seed: int) -> dict[str, torch.Tensor]:
@@ -82,11 +82,18 @@ def test_overwrite_keeps_a_backup_until_the_new_file_commits(tmp_path: Path) -> 
                     seen.append(f.read())
 
     store, name = file_store(path)
-    store.commit = Watching()
+    store.commit_strategy = Watching()
     save_into(store, name, model_state(1))
     assert seen == [old], "the previous content must sit in the backup while the new one is written"
     assert_same(genesis.load(path), model_state(1))
     assert names_in(path) == [MANIFEST_NAME, "model.pth"]
+
+
+class FailMarker(RenameCommit):
+    """Announcing the write fails (the intent marker): nothing was touched."""
+
+    def write_small(self, path: str, data: bytes, *, durable: bool = True, content: bool = True) -> None:
+        raise OSError(28, "No space left on device")
 
 
 class FailBeforeRename(RenameCommit):
@@ -94,41 +101,43 @@ class FailBeforeRename(RenameCommit):
         raise OSError(28, "No space left on device")
 
 
-class FailReplacingMark(RenameCommit):
-    """The first manifest write, which marks the name as being replaced, fails: nothing was touched."""
+class FailingManifest:
+    """The store's manifest writes fail: the data file has landed under its name, the commit fails."""
 
-    def _before_rename(self, tmp: str, final: str) -> None:
-        if final.endswith(MANIFEST_NAME):
-            raise OSError(28, "No space left on device")
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def read(self, path: str) -> Any:
+        return self.inner.read(path)
+
+    def tag(self, path: str) -> Any:
+        return self.inner.tag(path)
+
+    def create(self, path: str, data: bytes) -> Any:
+        raise OSError(28, "No space left on device")
+
+    def replace(self, path: str, data: bytes, tag: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
 
 
-class FailManifestWrite(RenameCommit):
-    """The data file commits, then the manifest write (the commit point) fails."""
-
-    data_landed = False
-
-    def _before_rename(self, tmp: str, final: str) -> None:
-        if final.endswith(MANIFEST_NAME) and self.data_landed:
-            raise OSError(28, "No space left on device")
-        self.data_landed |= final.endswith("/model.pth")
-
-
-@pytest.mark.parametrize("commit", [FailReplacingMark, FailBeforeRename, FailManifestWrite])
+@pytest.mark.parametrize("fail", ["marker", "data", "manifest"])
 def test_failed_overwrite_leaves_the_original_intact_locally(
-    tmp_path: Path, commit: type[RenameCommit], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, fail: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = str(tmp_path / "model.pth")
     record = genesis.save(model_state(0), path)
     old = raw(path)
     store, name = file_store(path)
-    store.commit = commit()
+    if fail == "manifest":
+        store.objects = FailingManifest(store.objects)
+    else:
+        store.commit_strategy = FailMarker() if fail == "marker" else FailBeforeRename()
     with pytest.raises(OSError, match="No space"), caplog.at_level(logging.WARNING):
         save_into(store, name, model_state(1))
     assert raw(path) == old
     assert file_store(path)[0].manifest().get("model.pth") == record
     assert names_in(path) == [MANIFEST_NAME, "model.pth"], "no backup or temporary file left behind"
-    if commit is FailManifestWrite:
-        assert "restored it from its backup" in caplog.text
+    assert ("restored it from its backup" in caplog.text) == (fail == "manifest")
     assert_same(genesis.load(path), model_state(0))
 
 
@@ -141,24 +150,17 @@ def faulty_dir() -> Iterator[str]:
     FaultyMemoryFileSystem.pseudo_dirs[:] = [""]
 
 
-@pytest.mark.parametrize("fail", ["replacing-mark", "data", "commit"])
+@pytest.mark.parametrize("fail", ["marker", "data", "commit"])
 def test_failed_overwrite_leaves_the_original_intact_on_an_object_store(
     faulty_dir: str, fail: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = f"{faulty_dir}/model.pth"
     record = genesis.save(model_state(0), path)
     old = raw(path)
-    manifest_writes = 0
+    target = {"marker": "/.genesis-tmp-intent-model.pth", "data": "/model.pth", "commit": "/" + MANIFEST_NAME}
 
     def fail_on(p: str, mode: str) -> bool:
-        nonlocal manifest_writes
-        if mode != "wb":
-            return False
-        if fail == "data":
-            return p.endswith("/model.pth")
-        manifest_writes += p.endswith("/" + MANIFEST_NAME)
-        # The first manifest write marks the replacement; the second, after the data, is the commit.
-        return p.endswith("/" + MANIFEST_NAME) and manifest_writes == (1 if fail == "replacing-mark" else 2)
+        return mode == "wb" and p.endswith(target[fail])
 
     FaultyMemoryFileSystem.fail_on = fail_on
     with pytest.raises(OSError, match="injected"), caplog.at_level(logging.WARNING):
@@ -184,10 +186,16 @@ def test_an_interrupted_save_is_settled_from_the_backup(
     other = f"{store_url.url}/other.pth"
     genesis.save(model_state(1), other, storage_options=opts)
     write_raw(path, raw(other, opts), opts)
+    before = names_in(path, opts)
     with caplog.at_level(logging.WARNING):
+        # A load reads the committed version from the backup, and changes nothing on disk.
         assert_same(genesis.load(path, storage_options=opts), model_state(0))
     assert "a save was interrupted" in caplog.text
+    assert names_in(path, opts) == before
+    # The next save (a writer) settles it.
+    genesis.save(model_state(2), path, storage_options=opts)
     assert BACKUP_SUFFIX not in " ".join(names_in(path, opts))
+    assert_same(genesis.load(path, storage_options=opts), model_state(2))
 
 
 def test_a_stale_backup_is_cleared_by_the_next_save(store_url: StoreTarget) -> None:

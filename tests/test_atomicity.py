@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_genesis_ckpt.atomicity import TMP_PREFIX, RenameCommit, makedirs
+from lightning_genesis_ckpt.core.names import TMP_PREFIX
+from lightning_genesis_ckpt.storage.atomicity import RenameCommit, makedirs
 
 
 class Recording(RenameCommit):

@@ -19,15 +19,10 @@ import torch
 from conftest import StoreTarget
 from models import TinyModel, loaders, make_trainer
 
-from lightning_genesis_ckpt import (
-    CheckpointCorruptError,
-    CheckpointStore,
-    GenesisCheckpoint,
-    ManifestError,
-    resolve,
-)
-from lightning_genesis_ckpt.ckpt_paths import validate_training_checkpoint
-from lightning_genesis_ckpt.manifest import LOCK_NAME, MANIFEST_NAME
+from lightning_genesis_ckpt import CheckpointCorruptError, CheckpointStore, GenesisCheckpoint, ManifestError
+from lightning_genesis_ckpt.adapter.ckpt_paths import validate_training_checkpoint
+from lightning_genesis_ckpt.core.names import LOCK_NAME, MANIFEST_NAME
+from lightning_genesis_ckpt.storage.resume import resolve
 
 
 def training_checkpoint(step: int) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_genesis_ckpt import CheckpointStore
-from lightning_genesis_ckpt.manifest import epoch_name
+from lightning_genesis_ckpt.core.names import epoch_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -217,3 +217,19 @@ def test_commands_reach_an_object_store_through_storage_options(
     denied = cli("ls", target.url)
     assert denied.returncode == 2 and "Traceback" not in denied.stderr
     assert len(denied.stderr.strip().splitlines()) == 1
+
+
+def test_prune_retires_the_interrupt_snapshot_by_the_callbacks_rule(tmp_path: Path) -> None:
+    from lightning_genesis_ckpt import cli as cli_module
+
+    d = str(tmp_path / "ck")
+    store = CheckpointStore(d, verbose=False)
+    store.save(epoch_name(0), {"w": torch.zeros(2)}, role="epoch", epoch=0, global_step=10)
+    store.save("interrupt_checkpoint.pth", {"w": torch.ones(2)}, role="interrupt", epoch=1, global_step=15)
+    assert cli_module.main(["prune", d, "--keep-last", "5"]) == 0
+    assert "interrupt_checkpoint.pth" in CheckpointStore(d).manifest().records, (
+        "nothing has more training yet"
+    )
+    store.save(epoch_name(1), {"w": torch.ones(2)}, role="epoch", epoch=1, global_step=20)
+    assert cli_module.main(["prune", d, "--keep-last", "5"]) == 0
+    assert "interrupt_checkpoint.pth" not in CheckpointStore(d).manifest().records

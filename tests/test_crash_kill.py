@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from crash_harness import Kill, KillExperiment
 
-from lightning_genesis_ckpt._faults import POINTS
+from lightning_genesis_ckpt.storage._faults import POINTS
 
 
 @pytest.fixture

@@ -109,10 +109,12 @@ def test_the_intent_marker_is_durable_before_the_data_takes_its_name(
     study = studies["rolling"]
     name = "ckpt/checkpoint_epoch_1.pth"
     rename = next(op for op in study.ops if op.kind == "rename" and op.note.endswith(f"-> {name}"))
+    marker_name = "ckpt/.genesis-tmp-intent-checkpoint_epoch_1.pth"  # written whole, then renamed to its name
     marker = next(
         op
         for op in study.ops
-        if op.kind == "create" and op.note == "ckpt/.genesis-tmp-intent-checkpoint_epoch_1.pth"
+        if (op.kind == "create" and op.note == marker_name)
+        or (op.kind == "rename" and op.note.endswith(f"-> {marker_name}"))
     )
     p = rename.idx + 1
     assert Weak(study.ops).durable(p, marker.idx)

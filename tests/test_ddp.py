@@ -62,3 +62,24 @@ def test_failure_on_one_rank_does_not_hang_the_job(tmp_path: Path, rank: int) ->
     for rec in store.records():
         store.verify(rec.name)
     print(f"job exited {elapsed:.1f}s after start")
+
+
+def test_an_error_on_rank_0_before_a_decision_reaches_every_rank(tmp_path: Path) -> None:
+    # Rank 0 raises while it decides what to save at the end of epoch 0 (the monitor was never logged):
+    # every rank must see that error, instead of waiting in a broadcast rank 0 never joins.
+    proc = ddp(
+        tmp_path / "ck", "--epochs", "2", "--monitor", "no_such_metric", "--catch", check=False, timeout=150
+    )
+    errors = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("FIT_ERROR:"):
+            r = json.loads(line[len("FIT_ERROR:") :])
+            errors[r["rank"]] = r
+    assert {rank: e["type"] for rank, e in errors.items()} == {
+        0: "MonitorNotFoundError",
+        1: "MonitorNotFoundError",
+    }, (
+        proc.stdout,
+        proc.stderr[-3000:],
+    )
+    assert "no_such_metric" in errors[1]["message"]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lightning_genesis_ckpt as genesis
-from lightning_genesis_ckpt.api import file_store
+from lightning_genesis_ckpt.api.functional import file_store
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 

@@ -12,9 +12,10 @@ import pytest
 from conformance.test_store import ManifestWriteFails, SimulatedCrash, raw_bytes
 from conftest import StoreTarget
 
-from lightning_genesis_ckpt import CheckpointCorruptError, CheckpointStore, resolve
-from lightning_genesis_ckpt.atomicity import TMP_PREFIX
-from lightning_genesis_ckpt.manifest import MANIFEST_NAME, Manifest
+from lightning_genesis_ckpt import CheckpointCorruptError, CheckpointStore
+from lightning_genesis_ckpt.core.manifest import Manifest
+from lightning_genesis_ckpt.core.names import DIRECTORY_RECORD, MANIFEST_NAME, TMP_PREFIX
+from lightning_genesis_ckpt.storage.resume import resolve
 
 TREE = {"meta.pt": b"metadata" * 10, "__0_0.distcp": os.urandom(3000), "sub/__1_0.distcp": os.urandom(1234)}
 
@@ -30,8 +31,13 @@ def writer(tree: dict[str, bytes]):
 
 
 def tree_of(directory: str) -> dict[str, bytes]:
+    """The files of a local directory checkpoint, but for the record it carries of itself."""
     root = Path(directory)
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and p.name != DIRECTORY_RECORD
+    }
 
 
 def file_path(store: CheckpointStore, name: str, rel: str) -> str:
@@ -166,7 +172,8 @@ def test_interrupted_deletion_of_a_directory_is_finished(store_url: StoreTarget)
     store.save_directory("checkpoint_epoch_0.pth", writer(TREE))
     store.save_directory("checkpoint_epoch_1.pth", writer(TREE))
     manifest = store.manifest().without(["checkpoint_epoch_0.pth"])
-    store._write_manifest(manifest)  # a writer killed between the manifest write and the removal
+    # A writer killed between the manifest write and the removal.
+    store_url.fs().pipe_file(store.manifest_path, manifest.encode())
     fresh = store_url.store()
     assert fresh.finish_deletions() == ["checkpoint_epoch_0.pth"]
     assert visible(store_url) == ["checkpoint_epoch_1.pth", MANIFEST_NAME]
@@ -192,25 +199,37 @@ def test_crash_while_replacing_never_yields_a_mix(
     store = ManifestWriteFails(store_url.url, store_url.storage_options)
     store.save_directory("checkpoint_epoch_0.pth", writer(TREE), epoch=0, global_step=1)
     store.save_directory("interrupt_checkpoint.pth", writer(TREE), global_step=5)
-    store.arm(SimulatedCrash(), after=1)  # dies at the commit, after the new tree is in place
+    store.arm(SimulatedCrash())  # dies at the commit, after the new tree is in place
     with pytest.raises(SimulatedCrash):
         store.save_directory("interrupt_checkpoint.pth", writer({"meta.pt": b"new"}), global_step=9)
     fresh = store_url.store()
-    fresh.sweep_temp()
     with caplog.at_level(logging.WARNING):
+        fresh.sweep_temp()
         found = resolve(fresh)
+    # The new tree is complete and its intent marker holds its record: it is recognised and used (on a local
+    # disk the two trees were exchanged atomically; an object store uploaded it after removing the old one).
     assert found.record is not None
-    if store_url.backend == "local":
-        # The two trees were exchanged atomically and the manifest carried the new tree's record: the complete
-        # new snapshot is recognised and used, never a mix.
-        assert (found.record.name, found.record.global_step) == ("interrupt_checkpoint.pth", 9)
-        with fresh.local_copy("interrupt_checkpoint.pth") as local:
-            assert tree_of(local) == {"meta.pt": b"new"}
-        assert "the new directory is complete and is used" in caplog.text
-    else:
-        # Object stores un-commit the old tree before uploading the new one: the epoch checkpoint is used.
-        assert found.record.name == "checkpoint_epoch_0.pth"
+    assert (found.record.name, found.record.global_step) == ("interrupt_checkpoint.pth", 9)
+    with fresh.local_copy("interrupt_checkpoint.pth") as local:
+        assert tree_of(local) == {"meta.pt": b"new"}
+    assert "the new content is complete and is used" in caplog.text
     assert not [n for n in store_url.names() if n.startswith(TMP_PREFIX)]
+
+
+def test_a_replacement_left_by_format_version_2_is_settled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Version 2 exchanged the trees and carried the new tree's record in the manifest's ``incoming``.
+    store = CheckpointStore(str(tmp_path))
+    old = store.save_directory("interrupt_checkpoint.pth", writer(TREE), global_step=5)
+    new = store.save_directory("interrupt_checkpoint.pth", writer({"meta.pt": b"new"}), global_step=9)
+    name = {"interrupt_checkpoint.pth"}
+    legacy = Manifest({old.name: old}, replacing=frozenset(name), incoming={new.name: new})
+    (tmp_path / MANIFEST_NAME).write_bytes(legacy.encode())
+    with caplog.at_level(logging.WARNING):
+        found = resolve(CheckpointStore(str(tmp_path)))
+    assert found.record is not None and found.record.global_step == 9
+    assert "the new directory is complete and is used" in caplog.text
 
 
 def test_copy_of_a_directory(store_url: StoreTarget) -> None:
@@ -228,7 +247,7 @@ def test_copy_of_a_directory(store_url: StoreTarget) -> None:
 def test_uncommitted_name_is_not_overwritten(store_url: StoreTarget) -> None:
     store = store_url.store()
     write_inside(store, "mine.pth/data", b"a user's directory")
-    with pytest.raises(FileExistsError, match="not a committed checkpoint"):
+    with pytest.raises(FileExistsError, match="this store did not write it"):
         store.save_directory("mine.pth", writer(TREE))
     assert store.fs.cat_file(f"{store.root}/mine.pth/data") == b"a user's directory"
 

@@ -21,8 +21,7 @@ from faultyfs import FaultyFileSystem
 from models import BigModel, loaders, make_trainer
 
 from lightning_genesis_ckpt import CheckpointSaveError, CheckpointStore, GenesisCheckpoint
-from lightning_genesis_ckpt.atomicity import is_temp_name
-from lightning_genesis_ckpt.manifest import LOCK_NAME, MANIFEST_NAME
+from lightning_genesis_ckpt.core.names import LOCK_NAME, MANIFEST_NAME, is_temp_name
 
 
 @pytest.fixture
@@ -37,7 +36,7 @@ def blob(mib: float, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def names(store: CheckpointStore) -> list[str]:
-    return store._list_names()
+    return store.list_names()
 
 
 @pytest.mark.parametrize("replacing", [False, True], ids=["new-name", "replacing"])
@@ -97,7 +96,7 @@ def test_failed_removal_of_old_checkpoints_is_a_warning(
     with caplog.at_level(logging.WARNING):
         assert store.delete(["a.pth"]) == ["a.pth"]
     assert "could not remove" in caplog.text
-    assert store.manifest().deleting == {"a.pth"}
+    assert set(store.manifest().deleting) == {"a.pth"}
     store.fs.rm = original  # type: ignore[method-assign]
     del store.fs.rm_file
     # The next start finishes the job.

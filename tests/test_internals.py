@@ -9,7 +9,8 @@ import pytest
 import torch
 from models import make_trainer
 
-from lightning_genesis_ckpt import _lightning, rng, serialization
+from lightning_genesis_ckpt.adapter import _lightning, rng
+from lightning_genesis_ckpt.storage import serialization
 
 
 def test_lightning_internals_present() -> None:

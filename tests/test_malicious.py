@@ -7,6 +7,7 @@ never appear.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 from pathlib import Path
@@ -18,8 +19,9 @@ import torch
 from conftest import StoreTarget
 from models import TinyModel, loaders, make_trainer
 
-from lightning_genesis_ckpt import CheckpointStore, GenesisCheckpoint, UnsafeCheckpointError, resolve
-from lightning_genesis_ckpt.manifest import LOCK_NAME, MANIFEST_NAME
+from lightning_genesis_ckpt import CheckpointStore, GenesisCheckpoint, UnsafeCheckpointError
+from lightning_genesis_ckpt.core.names import LOCK_NAME, MANIFEST_NAME
+from lightning_genesis_ckpt.storage.resume import resolve
 
 
 class Exploit:
@@ -82,8 +84,12 @@ def test_recovery_paths_never_unpickle_code(
     store.save("checkpoint_epoch_0.pth", {"w": torch.ones(3)}, epoch=0, global_step=1)
     store.save("best_model.pth", {"w": torch.ones(3)}, global_step=1)
     store.save("checkpoint_epoch_1.pth", {"x": Exploit(marker)}, epoch=1, global_step=2)
-    # An interrupted replacement of best_model.pth, whose "new content" is the exploit.
-    store._write_manifest(store.manifest().replacing_file("best_model.pth"))
+    # An interrupted replacement of best_model.pth, whose "new content" is the exploit, as an earlier
+    # version's manifest records one: settling it reads the file's embedded record, weights-only.
+    doc = json.loads(store.fs.cat_file(store.manifest_path))
+    store.fs.pipe_file(
+        store.manifest_path, json.dumps({**doc, "version": 2, "replacing": ["best_model.pth"]}).encode()
+    )
     store.fs.pipe_file(store.path("best_model.pth"), evil_bytes(marker))
     with caplog.at_level(logging.WARNING):
         settled = store_url.store().manifest()

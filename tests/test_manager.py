@@ -13,7 +13,7 @@ from torch import nn
 
 import lightning_genesis_ckpt as genesis
 from lightning_genesis_ckpt import CheckpointManager, CheckpointStore, UnsafeCheckpointError
-from lightning_genesis_ckpt.manifest import MANIFEST_NAME
+from lightning_genesis_ckpt.core.names import LOCK_NAME, MANIFEST_NAME
 
 
 def state(epoch: int, **extra: Any) -> dict[str, Any]:
@@ -71,6 +71,10 @@ def test_rolling_cleanup_keeps_the_newest_by_epoch_number(store_url: StoreTarget
         mgr.save_epoch_checkpoint(state(epoch), epoch)
     kept = [f"checkpoint_epoch_{e}.pth" for e in (10, 11, 9)]
     assert sorted(r.name for r in mgr.store.records()) == sorted(kept)
+    assert files(mgr.store) == sorted([*kept, LOCK_NAME, MANIFEST_NAME]), (
+        "a manager that saved holds the lock"
+    )
+    mgr.close()
     assert files(mgr.store) == sorted([*kept, MANIFEST_NAME])
     loaded = mgr.load_latest_checkpoint()
     assert loaded is not None and loaded["epoch"] == 11

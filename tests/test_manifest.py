@@ -4,14 +4,10 @@ import json
 
 import pytest
 
-from lightning_genesis_ckpt import CheckpointRecord, Manifest, ManifestError
-from lightning_genesis_ckpt.manifest import (
-    FORMAT_VERSION,
-    FileEntry,
-    epoch_name,
-    epoch_of_name,
-    role_of_name,
-)
+from lightning_genesis_ckpt import CheckpointRecord, ManifestError
+from lightning_genesis_ckpt.core.manifest import FORMAT_VERSION, Manifest
+from lightning_genesis_ckpt.core.names import epoch_name, epoch_of_name, role_of_name
+from lightning_genesis_ckpt.core.records import FileEntry, Stamp
 
 
 def rec(name: str, seq: int, **kw) -> CheckpointRecord:
@@ -96,37 +92,53 @@ def test_names(name: str, epoch: int | None, role: str) -> None:
         assert epoch_name(epoch) == name
 
 
-def test_intents_roundtrip_and_clear_on_commit() -> None:
+def test_deletions_carry_what_they_deleted_and_clear_on_commit() -> None:
     m = (
         Manifest()
         .with_record(rec("a.pth", 1))
         .with_record(rec("b.pth", 2))
         .with_record(rec("best_model.pth", 3))
     )
-    assert b"replacing" not in m.encode() and b"deleting" not in m.encode()  # written only when set
-    m = m.replacing_file("best_model.pth").without(["a.pth", "never-listed.pth"])
-    assert (m.replacing, m.deleting) == ({"best_model.pth"}, {"a.pth"})
-    assert Manifest.decode(m.encode(), "m.json") == m
-    # Committing a name ends both intents for it; finished deletions leave the list.
-    m = m.with_record(rec("best_model.pth", 4)).with_record(rec("a.pth", 5))
-    assert (m.replacing, m.deleting) == (frozenset(), frozenset())
-    assert m.without(["b.pth"]).deleted(["b.pth"]).deleting == frozenset()
-
-
-def test_a_directory_being_replaced_carries_its_incoming_record() -> None:
-    files = {"shard.bin": FileEntry(3, "crc32:00000001")}
-    old, new = rec("best_model.pth", 1, files=files), rec("best_model.pth", 0, files=files, global_step=9)
-    m = Manifest().with_record(old).replacing_file("best_model.pth", incoming=new)
-    back = Manifest.decode(m.encode(), "m.json")
-    assert back == m and back.incoming == {"best_model.pth": new}
-    assert not m.with_record(new.with_changes(seq=2)).incoming  # committing the name ends it
-    assert not m.without(["best_model.pth"]).incoming
-    assert b"incoming" not in Manifest().with_record(old).encode()  # written only when set
-    # Only a directory being replaced may have one: anything else is a damaged manifest.
+    assert b"deleting" not in m.encode() and json.loads(m.encode())["version"] == 1  # written only when set
+    m = m.without(["a.pth", "never-listed.pth"])
+    assert m.deleting == {"a.pth": Stamp(10, "crc32:00000000")}
     doc = json.loads(m.encode())
-    doc["replacing"] = []
+    assert doc["version"] == FORMAT_VERSION and doc["deleting"] == {
+        "a.pth": {"size": 10, "checksum": "crc32:00000000"}
+    }
+    assert Manifest.decode(m.encode(), "m.json") == m
+    # Committing a name again ends its deletion; finished deletions leave the list.
+    assert m.with_record(rec("a.pth", 5)).deleting == {}
+    assert m.without(["b.pth"]).deleted(["a.pth", "b.pth"]).deleting == {}
+
+
+def test_manifests_of_earlier_versions_are_read() -> None:
+    # Version 2 listed deletions (and in-place replacements) by name only.
+    old = _doc(version=2, checkpoints=[rec("a.pth", 1).to_json()], deleting=["b.pth"], replacing=["a.pth"])
+    m = Manifest.decode(old, "m.json")
+    assert (m.deleting, m.replacing) == ({"b.pth": None}, {"a.pth"})
+    # and a directory being replaced with the record of its new tree, which only such a name may have.
+    tree = rec("d.pth", 2, files={"shard.bin": FileEntry(3, "crc32:00000001")})
+    doc = {
+        "version": 2,
+        "checkpoints": [tree.to_json()],
+        "replacing": ["d.pth"],
+        "incoming": [tree.to_json()],
+    }
+    assert Manifest.decode(_doc(**doc), "m.json").incoming == {"d.pth": tree}
     with pytest.raises(ManifestError, match="incoming record"):
-        Manifest.decode(json.dumps(doc).encode(), "m.json")
+        Manifest.decode(_doc(**{**doc, "replacing": []}), "m.json")
+
+
+def test_non_finite_metrics_round_trip_as_strict_json() -> None:
+    m = Manifest().with_record(
+        rec("a.pth", 1, metrics={"loss": float("nan"), "up": float("inf"), "down": -float("inf")})
+    )
+    data = m.encode()
+    doc = json.loads(data, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert doc["checkpoints"][0]["metrics"] == {"down": "-Infinity", "loss": "NaN", "up": "Infinity"}
+    back = Manifest.decode(data, "m.json").records["a.pth"].metrics
+    assert back["up"] == float("inf") and back["down"] == -float("inf") and back["loss"] != back["loss"]
 
 
 def _doc(**extra: object) -> bytes:

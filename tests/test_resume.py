@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_genesis_ckpt import CheckpointRecord, CheckpointStore, UnsafeCheckpointError, resolve
-from lightning_genesis_ckpt.resume import candidates, interrupt_then_epoch
+from lightning_genesis_ckpt import CheckpointRecord, CheckpointStore, UnsafeCheckpointError
+from lightning_genesis_ckpt.core.ordering import candidates, interrupt_then_epoch
+from lightning_genesis_ckpt.storage.resume import resolve
 
 
 def r(name: str, role: str, step: int | None, seq: int) -> CheckpointRecord:

@@ -23,10 +23,13 @@ from fsspec.asyn import sync_wrapper
 from s3fs import S3FileSystem
 from s3server import ACCESS_KEY, SECRET_KEY, S3Server
 
-from lightning_genesis_ckpt import CheckpointRecord, CheckpointStore, Manifest, resolve, serialization
-from lightning_genesis_ckpt.atomicity import DeferredCommit, strategy_for
-from lightning_genesis_ckpt.manifest import epoch_name
-from lightning_genesis_ckpt.serialization import format_checksum
+from lightning_genesis_ckpt import CheckpointRecord, CheckpointStore
+from lightning_genesis_ckpt.core.manifest import Manifest
+from lightning_genesis_ckpt.core.names import epoch_name
+from lightning_genesis_ckpt.storage import serialization
+from lightning_genesis_ckpt.storage.atomicity import DeferredCommit, strategy_for
+from lightning_genesis_ckpt.storage.resume import resolve
+from lightning_genesis_ckpt.storage.serialization import format_checksum
 
 MiB = 2**20
 
@@ -48,7 +51,7 @@ def pending_uploads(target: StoreTarget) -> list[str]:
 def test_commit_strategy_follows_capabilities(s3: StoreTarget) -> None:
     # No atomic rename on an object store: the deferred (transactional) commit, whatever the class is called.
     assert isinstance(strategy_for(s3.fs()), DeferredCommit)
-    assert isinstance(s3.store().commit, DeferredCommit)
+    assert isinstance(s3.store().commit_strategy, DeferredCommit)
 
 
 # ------------------------------------------------------------------------------- multipart uploads
@@ -149,7 +152,7 @@ def test_truncated_object_is_caught_before_its_bytes_are_downloaded(
         found = resolve(s3.store())
     assert found.record is not None and found.record.name == "checkpoint_epoch_0.pth"
     assert "checkpoint_epoch_1.pth" in caplog.text and "truncated" in caplog.text
-    sent = [str(r) for r in s3_server.requests_since(mark) if "checkpoint_epoch_1.pth" in r.path]
+    sent = [str(r) for r in s3_server.requests_since(mark) if r.path.endswith("/checkpoint_epoch_1.pth")]
     assert sent == [f"HEAD /{path}"]  # the size alone condemned it: no GET
 
 
@@ -218,33 +221,57 @@ def test_resolving_among_1000_checkpoints_takes_a_handful_of_requests(
 def test_retention_deletes_in_one_batch(s3: StoreTarget, s3_server: S3Server) -> None:
     populate(s3, 30)
     store = s3.store(verbose=False)
-    store.manifest()
+    store.acquire_lock()
+    store.delete([epoch_name(29)])  # the run's first transaction: the steady state starts after it
     mark = s3_server.mark()
     doomed = [epoch_name(e) for e in range(25)]
     assert store.delete(doomed) == doomed
-    sent = [str(r) for r in s3_server.requests_since(mark)]
-    # The manifest forgets them (one PUT), then one DeleteObjects request removes all 25.
-    assert sent == [f"PUT /{store.root}/genesis_manifest.json", f"POST /{BUCKET}?delete"]
-    assert s3.names() == sorted(["genesis_manifest.json", *(epoch_name(e) for e in range(25, 30))])
+    sent = s3_server.requests_since(mark)
+    store.release_lock()
+    # The manifest re-read under the lock, the lock checked, the manifest forgets them (one conditional PUT),
+    # then one DeleteObjects request removes all 25.
+    assert [str(r) for r in sent] == [
+        f"GET /{store.manifest_path}",
+        f"HEAD /{store.root}/genesis.lock",
+        f"PUT /{store.manifest_path}",
+        f"POST /{BUCKET}?delete",
+    ]
+    assert sent[2].condition is not None and sent[2].condition.startswith("If-Match")
+    assert s3.names() == sorted(["genesis_manifest.json", *(epoch_name(e) for e in range(25, 29))])
 
 
-def test_a_save_sends_only_what_it_needs(s3: StoreTarget, s3_server: S3Server) -> None:
+def test_an_improved_epoch_is_eight_requests_and_one_manifest_write(
+    s3: StoreTarget, s3_server: S3Server
+) -> None:
     store = s3.store(verbose=False)
-    store.save("a.pth", {"w": torch.ones(3)})
+    store.acquire_lock()
+    for epoch in range(2):
+        with store.transaction() as tx:
+            record = tx.write(epoch_name(epoch), {"w": torch.ones(3) * epoch}, role="epoch", epoch=epoch)
+            tx.copy(record.name, "best_model.pth")
     mark = s3_server.mark()
-    store.save("b.pth", {"w": torch.ones(3)})
-    sent = [str(r) for r in s3_server.requests_since(mark)]
-    # The intent marker, a deferred upload (create, one part, complete), the manifest in one PUT, the
-    # marker removed: no directory probing, no existence checks, no listing.
-    marker = ".genesis-tmp-intent-b.pth"
-    assert [f"{r.split()[0]} {r.split('?')[0].rsplit('/', 1)[-1]}" for r in sent] == [
-        f"PUT {marker}",
-        "POST b.pth",
-        "PUT b.pth",
-        "POST b.pth",
-        "PUT genesis_manifest.json",
-        f"DELETE {marker}",
-    ], sent
+    # A new rolling checkpoint, best_model.pth replaced by a copy of it, the previous one deleted.
+    with store.transaction() as tx:
+        record = tx.write(epoch_name(2), {"w": torch.ones(3) * 2}, role="epoch", epoch=2)
+        tx.copy(record.name, "best_model.pth")
+        tx.delete([epoch_name(1)])
+    sent = s3_server.requests_since(mark)
+    store.release_lock()
+    shown = [f"{'COPY' if r.copy_source else r.method} {r.path.rsplit('/', 1)[-1]}" for r in sent]
+    assert shown == [
+        "GET genesis_manifest.json",  # re-read under the lock
+        f"PUT .genesis-tmp-intent-{epoch_name(2)}",  # intent markers, holding the records
+        f"PUT {epoch_name(2)}",  # a small checkpoint: one PUT
+        "PUT .genesis-tmp-intent-best_model.pth",
+        "COPY best_model.pth",  # server-side
+        "HEAD genesis.lock",  # the lease, checked right before the manifest write
+        "PUT genesis_manifest.json",  # the commit point, conditional on the version read
+        f"POST {BUCKET}",  # DeleteObjects: the old checkpoint and both markers, in one request
+    ], shown
+    assert "delete" in sent[-1].query
+    manifest_puts = [r for r in sent if r.method == "PUT" and r.path.endswith("genesis_manifest.json")]
+    assert len(manifest_puts) == 1 and manifest_puts[0].condition.startswith("If-Match")
+    assert sorted(s3.store().manifest().records) == ["best_model.pth", epoch_name(0), epoch_name(2)]
 
 
 # --------------------------------------------------------------------------------- secrets and paths

@@ -18,7 +18,8 @@ from models import TinyModel
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from test_callback import fit
 
-from lightning_genesis_ckpt import CheckpointStore, UnsafeCheckpointError, safe_types
+from lightning_genesis_ckpt import CheckpointStore, UnsafeCheckpointError
+from lightning_genesis_ckpt.storage import safe_types
 
 
 class Stage(enum.Enum):

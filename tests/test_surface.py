@@ -6,9 +6,9 @@ import signal
 
 import pytest
 
-from lightning_genesis_ckpt.manifest import CheckpointRecord
-from lightning_genesis_ckpt.preemption import Preemption, parse_signals
-from lightning_genesis_ckpt.surface import view
+from lightning_genesis_ckpt.adapter.preemption import Preemption, parse_signals
+from lightning_genesis_ckpt.adapter.surface import view
+from lightning_genesis_ckpt.core.records import CheckpointRecord
 
 
 def rec(

@@ -13,7 +13,7 @@ from torch import nn
 
 import lightning_genesis_ckpt as genesis
 from lightning_genesis_ckpt import LoadReport, load_state_dict_into, validate_checkpoint
-from lightning_genesis_ckpt.tools import extract_model_state_dict
+from lightning_genesis_ckpt.api.tools import extract_model_state_dict
 
 # torch.compile imports TorchScript pieces that torch 2.13 marks deprecated; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pytest
 import pytorch_lightning as pl
 from conftest import ROOT, SCRIPTS
 from models import BigModel, RaiseAt, loaders, make_trainer
 
 from lightning_genesis_ckpt import CheckpointStore, GenesisCheckpoint, StoreLockedError
-from lightning_genesis_ckpt.manifest import LOCK_NAME
+from lightning_genesis_ckpt.core.names import LOCK_NAME
 
 
 class CountSteps(pl.Callback):
@@ -73,17 +76,24 @@ def test_live_run_on_local_disk_blocks_a_second_one_until_killed(
     assert not (Path(d) / LOCK_NAME).exists(), "released at teardown"
 
 
-def test_live_writer_through_fsspec_blocks_a_run() -> None:
+def test_a_live_run_elsewhere_blocks_a_run_on_an_object_store() -> None:
+    # memory:// lives in one process: a run on another machine is a lock with a fresh heartbeat there.
     url = f"memory://two-writers/{uuid.uuid4().hex}"
-    other = CheckpointStore(url)
-    other.acquire_lock()
+    fs = fsspec.filesystem("memory")
+    fs.makedirs(url, exist_ok=True)
+    now = time.time()
+    elsewhere = {"token": "t", "host": "gpu-node-3", "pidns": 1, "pid": 77, "start": None}
+    fs.pipe_file(
+        f"{url}/{LOCK_NAME}",
+        json.dumps({**elsewhere, "acquired": now, "heartbeat": now, "lease_s": 60.0}).encode(),
+    )
     counter = CountSteps()
-    with pytest.raises(StoreLockedError, match="in use by another run"):
+    with pytest.raises(StoreLockedError, match="pid 77 on host gpu-node-3"):
         fit(url, 1, counter)
     assert counter.batches == 0
-    other.release_lock()
+    fs.rm_file(f"{url}/{LOCK_NAME}")  # that run ended
     fit(url, 1)
-    assert not other.fs.exists(other.path(LOCK_NAME))
+    assert not fs.exists(f"{url}/{LOCK_NAME}")
 
 
 def test_lock_is_released_after_an_exception(tmp_path: Path) -> None:

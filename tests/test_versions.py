@@ -12,7 +12,7 @@ from conftest import StoreTarget
 
 import lightning_genesis_ckpt as genesis
 from lightning_genesis_ckpt import CheckpointManager, CheckpointStore, Version
-from lightning_genesis_ckpt.manifest import MANIFEST_NAME
+from lightning_genesis_ckpt.core.names import MANIFEST_NAME
 
 
 def weights(seed: int) -> dict[str, torch.Tensor]:

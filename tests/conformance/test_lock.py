@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,8 +17,8 @@ import torch
 from conftest import StoreTarget
 
 from lightning_genesis_ckpt import CheckpointStore, StoreLockedError
-from lightning_genesis_ckpt.lock import LockInfo, _pid_namespace, _start_time
-from lightning_genesis_ckpt.manifest import LOCK_NAME, MANIFEST_NAME
+from lightning_genesis_ckpt.core.names import LOCK_NAME, MANIFEST_NAME
+from lightning_genesis_ckpt.storage.lock import LockInfo, _pid_namespace, _start_time
 
 
 @pytest.fixture
@@ -51,17 +52,22 @@ def lock_on_disk(store: CheckpointStore) -> LockInfo | None:
     return LockInfo.decode(store.fs.cat_file(store.path(LOCK_NAME)))
 
 
-def test_second_writer_is_refused_until_the_first_releases(stores: tuple[CheckpointStore, ...]) -> None:
+def test_a_second_store_of_the_process_shares_the_holders_lock(stores: tuple[CheckpointStore, ...]) -> None:
+    # Another process is refused (tests/test_two_writers.py, tests/test_live_writers.py); a store of the same
+    # process goes through the holder, and the lock lasts until the last of them lets go.
     a, b = stores
     a.acquire_lock()
-    with pytest.raises(StoreLockedError, match="in use by another run") as info:
-        b.acquire_lock()
-    assert a.url in str(info.value) and "this process" in str(info.value)
-    a.save("x.pth", {"w": torch.ones(3)})  # the holder is not disturbed
-    a.release_lock()
-    assert lock_on_disk(a) is None
     b.acquire_lock()
+    holder = lock_on_disk(a)
+    assert holder is not None and holder.pid == os.getpid()
+    a.save("x.pth", {"w": torch.ones(3)})
     b.save("y.pth", {"w": torch.ones(3)})
+    a.release_lock()
+    assert lock_on_disk(a) == holder, "b still holds it"
+    a.save("z.pth", {"w": torch.ones(3)})  # through b, the holder now
+    b.release_lock()
+    assert lock_on_disk(a) is None
+    assert sorted(a.manifest(refresh=True).records) == ["x.pth", "y.pth", "z.pth"]
 
 
 def test_live_lock_of_another_host_is_respected(stores: tuple[CheckpointStore, ...]) -> None:
@@ -118,7 +124,12 @@ def test_a_taken_over_lock_stops_the_next_commit(
     a, _ = stores
     a.acquire_lock()
     a.save("x.pth", {"w": torch.ones(3)})
-    write_lock(a)  # another run judged ours abandoned and took over
+    # Another run judged ours abandoned and took over: it wrote its lock, then the manifest (a fencing write).
+    write_lock(a)
+    manifest = store_url.store().manifest()
+    a.fs.pipe_file(
+        a.manifest_path, dataclasses.replace(manifest, generation=manifest.generation + 1).encode()
+    )
     with pytest.raises(StoreLockedError, match="lost its lock"):
         a.save("y.pth", {"w": torch.ones(3)})
     with pytest.raises(StoreLockedError, match="lost its lock"):

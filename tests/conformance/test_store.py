@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import StoreTarget
 
-from lightning_genesis_ckpt import CheckpointCorruptError, CheckpointStore, ManifestError, resolve
-from lightning_genesis_ckpt.atomicity import TMP_PREFIX
-from lightning_genesis_ckpt.manifest import MANIFEST_NAME
+from lightning_genesis_ckpt import CheckpointCorruptError, CheckpointStore, ManifestError
+from lightning_genesis_ckpt.core.names import MANIFEST_NAME, TMP_PREFIX
+from lightning_genesis_ckpt.storage.resume import resolve
 
 
 def state(seed: int = 0, n: int = 1000) -> dict:
@@ -72,7 +72,7 @@ def test_failed_save_leaves_previous_file_intact(store_url: StoreTarget) -> None
         store.save("x.pth", {"w": torch.ones(10), "bad": Unpicklable()})
     assert raw_bytes(store, "x.pth") == before
     assert store_url.store().manifest().get("x.pth") == good
-    assert not [n for n in store._list_names() if n.startswith(TMP_PREFIX)]
+    assert not [n for n in store.list_names() if n.startswith(TMP_PREFIX)]
 
 
 class SimulatedCrash(BaseException):
@@ -90,15 +90,39 @@ class ManifestWriteFails(CheckpointStore):
     error: BaseException | None = None
     allowed = 0
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.objects = FailingManifest(self.objects, self)
+
     def arm(self, error: BaseException, after: int = 0) -> None:
         self.error, self.allowed = error, after
 
-    def _write_manifest(self, manifest) -> None:
-        if self.error is not None:
-            if self.allowed == 0:
-                raise self.error
-            self.allowed -= 1
-        super()._write_manifest(manifest)
+
+class FailingManifest:
+    """The store's conditional object access, failing manifest writes when its store is armed."""
+
+    def __init__(self, inner, store: ManifestWriteFails) -> None:
+        self.inner, self.store = inner, store
+
+    def read(self, path):
+        return self.inner.read(path)
+
+    def tag(self, path):
+        return self.inner.tag(path)
+
+    def _maybe_fail(self, path: str) -> None:
+        if path.endswith(MANIFEST_NAME) and self.store.error is not None:
+            if self.store.allowed == 0:
+                raise self.store.error
+            self.store.allowed -= 1
+
+    def create(self, path, data):
+        self._maybe_fail(path)
+        return self.inner.create(path, data)
+
+    def replace(self, path, data, tag, **kwargs):
+        self._maybe_fail(path)
+        return self.inner.replace(path, data, tag, **kwargs)
 
 
 def test_failed_commit_of_a_new_name_removes_the_data(store_url: StoreTarget) -> None:
@@ -139,16 +163,18 @@ def test_crash_while_replacing_a_name_ends_in_old_or_complete_new_content(
     store = ManifestWriteFails(store_url.url, store_url.storage_options)
     store.save("checkpoint_epoch_0.pth", state(0), role="epoch", global_step=10)
     store.save("interrupt_checkpoint.pth", state(1), role="interrupt", global_step=15)
-    # The first manifest write marks the name as being replaced; the crash hits the commit after the data.
-    store.arm(SimulatedCrash(), after=1)
+    # The crash hits the commit: the new bytes are under the name, the manifest still lists the old ones.
+    store.arm(SimulatedCrash())
     with pytest.raises(SimulatedCrash):
         store.save("interrupt_checkpoint.pth", state(2), role="interrupt", global_step=18)
+    # A reader already loads the complete new bytes: they match the record the name's intent marker holds.
+    assert torch.equal(store_url.store().load("interrupt_checkpoint.pth")["w"], state(2)["w"])
     fresh = store_url.store()
-    fresh.sweep_temp()  # the name is listed: the sweep leaves the file alone
     with caplog.at_level(logging.WARNING):
+        fresh.sweep_temp()  # the next holder settles it: the new bytes get their record
         found = resolve(fresh)
-    # The new bytes are complete (commits are atomic) and carry their own record: they are used, once
-    # verified, and the directory says so; never a half-visible file.
+    # The new bytes are complete (publishing is atomic) and their marker holds their record: they are used,
+    # once verified, and the directory says so; never a half-visible file.
     assert found.record is not None and found.record.name == "interrupt_checkpoint.pth"
     assert (found.record.global_step, found.skipped) == (18, [])
     assert torch.equal(fresh.load("interrupt_checkpoint.pth")["w"], state(2)["w"])
@@ -156,16 +182,34 @@ def test_crash_while_replacing_a_name_ends_in_old_or_complete_new_content(
     assert not [n for n in store_url.names() if n.startswith(TMP_PREFIX)]
 
 
+class CrashingMarkers(CheckpointStore):
+    """A store killed while it announces a write: before any byte of it is published under its name."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        strategy = self.commit_strategy
+
+        class Crash(type(strategy)):  # type: ignore[misc]
+            def write_small(
+                self, path: str, data: bytes, *, durable: bool = True, content: bool = True
+            ) -> None:
+                raise SimulatedCrash
+
+        strategy.__class__ = Crash
+
+
 def test_crash_before_a_replacement_publishes_keeps_the_old_content(store_url: StoreTarget) -> None:
-    store = ManifestWriteFails(store_url.url, store_url.storage_options)
-    store.save("checkpoint_epoch_0.pth", state(0), role="epoch", global_step=10)
-    old = store.save("interrupt_checkpoint.pth", state(1), role="interrupt", global_step=15)
-    store.arm(SimulatedCrash())  # the very first write, marking the replacement, never happens
+    store_url.store().save("checkpoint_epoch_0.pth", state(0), role="epoch", global_step=10)
+    old = store_url.store().save("interrupt_checkpoint.pth", state(1), role="interrupt", global_step=15)
     with pytest.raises(SimulatedCrash):
-        store.save("interrupt_checkpoint.pth", state(2), role="interrupt", global_step=18)
+        CrashingMarkers(store_url.url, store_url.storage_options).save(
+            "interrupt_checkpoint.pth", state(2), role="interrupt", global_step=18
+        )
     fresh = store_url.store()
+    fresh.sweep_temp()
     assert resolve(fresh).record == old
     assert torch.equal(fresh.load("interrupt_checkpoint.pth")["w"], state(1)["w"])
+    assert not [n for n in store_url.names() if n.startswith(TMP_PREFIX)]
 
 
 def test_copy_is_byte_identical_and_committed(store_url: StoreTarget) -> None:
@@ -263,7 +307,7 @@ def test_sweep_removes_only_our_temp_files(store_url: StoreTarget) -> None:
     write_raw(store, f"{TMP_PREFIX}0123456789ab-a.pth", b"partial")
     write_raw(store, "tmp_user_file", b"keep")
     assert store.sweep_temp() == [f"{TMP_PREFIX}0123456789ab-a.pth"]
-    assert sorted(store._list_names()) == ["a.pth", MANIFEST_NAME, "tmp_user_file"]
+    assert sorted(store.list_names()) == ["a.pth", MANIFEST_NAME, "tmp_user_file"]
 
 
 @pytest.mark.parametrize("name", ["../escape.pth", "a/b.pth", "..", ".", "", "x\x00y", "..\\x.pth"])
@@ -315,7 +359,8 @@ class Exploit:
 def test_a_slow_load_logs_one_line_with_size_and_speed(
     store_url: StoreTarget, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, verbose: bool
 ) -> None:
-    import lightning_genesis_ckpt.reader as reader
+    from lightning_genesis_ckpt.core.display import human_size
+    from lightning_genesis_ckpt.storage import reader
 
     store = store_url.store(verbose=verbose)
     rec = store.save("big.pth", state(1, n=100_000))
@@ -324,6 +369,6 @@ def test_a_slow_load_logs_one_line_with_size_and_speed(
         store.load("big.pth")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded")]
     if verbose:
-        assert len(lines) == 1 and reader.human_size(rec.size) in lines[0] and "MiB/s" in lines[0]
+        assert len(lines) == 1 and human_size(rec.size) in lines[0] and "MiB/s" in lines[0]
     else:
         assert lines == []

@@ -13,8 +13,8 @@ of the broken run is what the explorer judges, and it must report violations for
   ``torch.save`` (no temp file), then ``register()`` commits the new bytes: the classic way to lose the only
   checkpoint.
 
-``ManifestFirstStore`` is the one place in the explorer that uses the library's internals (``_write_manifest``,
-``commit``, ``serialization.dump``): a refactor that renames them breaks only this self-test.
+``ManifestFirstStore`` is the one place in the explorer that uses the library's internals (the store's
+``commit_strategy``, ``serialization.dump``): a refactor that renames them breaks only this self-test.
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ def run_no_dir_fsync(root: Path, mark: Mark) -> None:
 
 
 def run_manifest_first(root: Path, mark: Mark) -> None:
-    from lightning_genesis_ckpt import CheckpointStore, serialization
-    from lightning_genesis_ckpt.manifest import CheckpointRecord
+    from lightning_genesis_ckpt import CheckpointRecord, CheckpointStore
+    from lightning_genesis_ckpt.core.names import MANIFEST_NAME
+    from lightning_genesis_ckpt.storage import serialization
 
     class ManifestFirstStore(CheckpointStore):
         def save(self, name: str, obj: Any, **fields: Any) -> Any:  # type: ignore[override]
@@ -95,8 +96,9 @@ def run_manifest_first(root: Path, mark: Mark) -> None:
                 epoch=fields["epoch"],
                 global_step=fields["global_step"],
             )
-            self._write_manifest(manifest.with_record(record))  # the commit point, before the data exists
-            with self.commit.open_write(self.path(name)) as f:
+            # The commit point, before the data exists.
+            self.commit_strategy.write_small(self.path(MANIFEST_NAME), manifest.with_record(record).encode())
+            with self.commit_strategy.open_write(self.path(name)) as f:
                 f.write(buffer.getvalue())
             return record
 

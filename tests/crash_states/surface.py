@@ -18,19 +18,19 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from lightning_genesis_ckpt import (
-    CheckpointStore,
-    GenesisCheckpointError,
-    StoreReader,
-    resolve,
-)
+from lightning_genesis_ckpt import CheckpointStore, GenesisCheckpointError
 from lightning_genesis_ckpt import load as genesis_load
 from lightning_genesis_ckpt import save as genesis_save
-from lightning_genesis_ckpt.api import BACKUP_SUFFIX
-from lightning_genesis_ckpt.atomicity import is_temp_name
 from lightning_genesis_ckpt.cli import main as cli_main
-from lightning_genesis_ckpt.manifest import LOCK_NAME, MANIFEST_NAME
-from lightning_genesis_ckpt.resume import RESUMABLE_ROLES
+from lightning_genesis_ckpt.core.names import (
+    BACKUP_SUFFIX,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    RESUMABLE_ROLES,
+    is_temp_name,
+)
+from lightning_genesis_ckpt.storage.reader import StoreReader
+from lightning_genesis_ckpt.storage.resume import resolve
 
 __all__ = [
     "BACKUP_SUFFIX",
@@ -65,20 +65,14 @@ def genesis_checkpoint_class() -> type:
 def open_next_run(dirpath: str) -> CheckpointStore:
     """The store as the next run opens it before its first step; the caller releases its lock.
 
-    The sequence of :meth:`GenesisCheckpoint.setup` on rank 0: prove the directory writable, take the lock,
-    and -- as the lock holder, who alone may -- sweep what a killed writer left and finish its deletions. The
-    resume sample runs the real callback on a copy of the same state, so this copy cannot drift unnoticed.
+    The sequence of :meth:`GenesisCheckpoint.setup` on rank 0: prove the directory writable and take the
+    lock, which -- as the lock holder, who alone may -- settles what a killed writer left, sweeps its files and
+    finishes its deletions. The resume sample runs the real callback on a copy of the same state, so this copy
+    cannot drift unnoticed.
     """
     store = CheckpointStore(dirpath, verbose=False)
     store.ensure_writable()
     store.acquire_lock()
-    try:
-        store.sweep_temp()
-        store.manifest(refresh=True)
-        store.finish_deletions()
-    except BaseException:
-        store.release_lock()
-        raise
     return store
 
 

@@ -6,6 +6,7 @@ Each rank prints one line prefixed with RESULT: when fit returns.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -24,13 +25,15 @@ def main() -> None:
     p.add_argument("--fail-on-rank", type=int)
     p.add_argument("--at-epoch", type=int, default=1)
     p.add_argument("--at-batch", type=int, default=2)
+    p.add_argument("--monitor", default="val_loss")
+    p.add_argument("--catch", action="store_true", help="print the error fit raised as FIT_ERROR: and exit 3")
     args = p.parse_args()
 
     f = flavour("pytorch_lightning")
     f.pl.seed_everything(0)
     model = f.TinyModel()
     train, val = loaders()
-    callbacks = [GenesisCheckpoint(args.dirpath, monitor="val_loss")]
+    callbacks = [GenesisCheckpoint(args.dirpath, monitor=args.monitor)]
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     if args.fail_on_rank is not None and args.fail_on_rank == rank:
         callbacks.append(f.RaiseAt(args.at_epoch, args.at_batch))
@@ -45,7 +48,17 @@ def main() -> None:
         enable_model_summary=False,
         deterministic=True,
     )
-    trainer.fit(model, train, val)
+    try:
+        trainer.fit(model, train, val)
+    except Exception as e:
+        if not args.catch:
+            raise
+        error = {"rank": rank, "type": type(e).__name__, "message": str(e)}
+        # Both ranks share one stdout pipe: one write(2) of a line under PIPE_BUF is never interleaved with
+        # the other rank's output (print may split it into several writes).
+        sys.stdout.flush()
+        os.write(1, ("\nFIT_ERROR:" + json.dumps(error) + "\n").encode())
+        sys.exit(3)
     print_result(trainer, callbacks[0], weights_digest(model), rank=trainer.global_rank)
 
 
