@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .adapter.callback import GenesisCheckpoint
+    from .adapter.fabric import FabricCheckpointer
     from .api.deploy import export
     from .api.functional import load, load_checkpoint, save, save_checkpoint
     from .api.importer import import_checkpoint
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 # wait for either.
 _EXPORTS = {
     "GenesisCheckpoint": ".adapter.callback",
+    "FabricCheckpointer": ".adapter.fabric",
     "export": ".api.deploy",
     **dict.fromkeys(["load", "load_checkpoint", "save", "save_checkpoint"], ".api.functional"),
     "import_checkpoint": ".api.importer",
@@ -93,6 +95,7 @@ __all__ = [
     "CheckpointStore",
     "EveryNSeconds",
     "EveryNSteps",
+    "FabricCheckpointer",
     "GenesisCheckpoint",
     "GenesisCheckpointError",
     "KeepFor",
