@@ -1,19 +1,31 @@
-# Every target sets itself up on a fresh clone: a virtualenv inside the repo with pinned dev dependencies.
+# Every target sets itself up on a fresh clone: a virtualenv inside the repo, with pinned dependencies.
+# Two stamps: the demo needs only the runtime dependencies (torch, Lightning, fsspec, dill, numpy); the
+# tests add the dev extra on top of them, without reinstalling what the demo installed.
 PYTHON ?= python3
 VENV := .venv
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 
 .PHONY: demo test lint bench crashstates clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(RUNTIME_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PIP) -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
+	$(PIP) -e '.[dev]'
 	sh .ci/install-strace
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(PY) examples/demo.py
+	@echo
+	@echo "Next, look at what it wrote (the CLI lives in the venv: 'source $(VENV)/bin/activate', or call it by path):"
+	@echo "  $(VENV)/bin/genesis-ckpt ls demo_checkpoints --verify"
+	@echo "  $(VENV)/bin/genesis-ckpt resume-path demo_checkpoints"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

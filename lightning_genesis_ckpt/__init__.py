@@ -10,42 +10,79 @@ pure), ``storage`` (transactions, the lock, reading, recovery), ``adapter`` (the
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .api.deploy import export
-from .api.functional import load, load_checkpoint, save, save_checkpoint
-from .api.importer import import_checkpoint
-from .api.manager import CheckpointManager
-from .api.tools import LoadReport, load_state_dict_into, validate_checkpoint
-from .api.versions import Version, list_versions, load_version, save_version, tag_version
-from .core.errors import (
-    CheckpointCorruptError,
-    CheckpointSaveError,
-    GenesisCheckpointError,
-    ManifestError,
-    MonitorNotFoundError,
-    StoreLockedError,
-    UnsafeCheckpointError,
-)
-from .core.preservation import AnyOf, BestN, EveryNSeconds, EveryNSteps, KeepFor, LatestN
-from .core.records import CheckpointRecord
-from .storage.store import CheckpointStore
-
 if TYPE_CHECKING:
     from .adapter.callback import GenesisCheckpoint
+    from .adapter.fabric import FabricCheckpointer
+    from .api.deploy import export
+    from .api.functional import load, load_checkpoint, save, save_checkpoint
+    from .api.importer import import_checkpoint
+    from .api.manager import CheckpointManager
+    from .api.tools import LoadReport, load_state_dict_into, validate_checkpoint
+    from .api.versions import Version, list_versions, load_version, save_version, tag_version
+    from .core.errors import (
+        CheckpointCorruptError,
+        CheckpointSaveError,
+        GenesisCheckpointError,
+        ManifestError,
+        MonitorNotFoundError,
+        StoreLockedError,
+        UnsafeCheckpointError,
+    )
+    from .core.preservation import AnyOf, BestN, EveryNSeconds, EveryNSteps, KeepFor, LatestN
+    from .core.records import CheckpointRecord
+    from .storage.store import CheckpointStore
 
 __version__ = "0.1.0"
 
+# Public name -> the module that defines it. Everything is imported on first use: torch takes seconds to
+# import and Lightning more, and ``genesis-ckpt --help`` (or a script that only needs the errors) should not
+# wait for either.
+_EXPORTS = {
+    "GenesisCheckpoint": ".adapter.callback",
+    "FabricCheckpointer": ".adapter.fabric",
+    "export": ".api.deploy",
+    **dict.fromkeys(["load", "load_checkpoint", "save", "save_checkpoint"], ".api.functional"),
+    "import_checkpoint": ".api.importer",
+    "CheckpointManager": ".api.manager",
+    **dict.fromkeys(["LoadReport", "load_state_dict_into", "validate_checkpoint"], ".api.tools"),
+    **dict.fromkeys(
+        ["Version", "list_versions", "load_version", "save_version", "tag_version"], ".api.versions"
+    ),
+    **dict.fromkeys(
+        [
+            "CheckpointCorruptError",
+            "CheckpointSaveError",
+            "GenesisCheckpointError",
+            "ManifestError",
+            "MonitorNotFoundError",
+            "StoreLockedError",
+            "UnsafeCheckpointError",
+        ],
+        ".core.errors",
+    ),
+    **dict.fromkeys(
+        ["AnyOf", "BestN", "EveryNSeconds", "EveryNSteps", "KeepFor", "LatestN"], ".core.preservation"
+    ),
+    "CheckpointRecord": ".core.records",
+    "CheckpointStore": ".storage.store",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # GenesisCheckpoint needs Lightning, whose import takes seconds; the store, the functional API and the
-    # CLI do not, so it is imported on first use only.
-    if name == "GenesisCheckpoint":
-        from .adapter.callback import GenesisCheckpoint
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
 
-        return GenesisCheckpoint
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
 
 
 __all__ = [
@@ -58,6 +95,7 @@ __all__ = [
     "CheckpointStore",
     "EveryNSeconds",
     "EveryNSteps",
+    "FabricCheckpointer",
     "GenesisCheckpoint",
     "GenesisCheckpointError",
     "KeepFor",

@@ -80,10 +80,11 @@ def test_verify_reports_corruption_with_exit_1(tmp_path: Path, store_dir: Path) 
     assert one.returncode == 1 and json.loads(one.stdout)[0]["status"] == "corrupt"
     ls = cli("ls", str(d), "--verify", "--json")
     assert {r["name"]: r["status"] for r in json.loads(ls.stdout)}[epoch_name(2)] == "corrupt"
+    assert ls.returncode == 1, "a listing that shows a problem says so in its exit code"
     os.remove(d / epoch_name(3))
-    assert {r["name"]: r["status"] for r in json.loads(cli("ls", str(d), "--json").stdout)}[
-        epoch_name(3)
-    ] == "missing"
+    missing = cli("ls", str(d), "--json")
+    assert {r["name"]: r["status"] for r in json.loads(missing.stdout)}[epoch_name(3)] == "missing"
+    assert missing.returncode == 1
 
 
 def test_inspect(store_dir: Path) -> None:
@@ -120,6 +121,66 @@ def test_prune_dry_run_then_real(tmp_path: Path, store_dir: Path) -> None:
     real = cli("prune", str(d), "--keep-last", "1", "--keep-best", "1")
     assert real.returncode == 0 and "removed 2" in real.stdout
     assert sorted(p.name for p in d.glob("*.pth")) == sorted(["best_model.pth", epoch_name(1), epoch_name(3)])
+
+
+def test_prune_refuses_a_monitor_that_no_checkpoint_recorded(tmp_path: Path, store_dir: Path) -> None:
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(store_dir, d)
+    typo = cli("prune", str(d), "--keep-last", "1", "--keep-best", "1", "--monitor", "val_los")
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert "'val_los' is not a metric" in typo.stderr and "recorded: val_loss" in typo.stderr
+    assert sorted(p.name for p in d.glob("*.pth")) == sorted(p.name for p in store_dir.glob("*.pth"))
+
+
+def test_verify_and_inspect_of_one_file_never_read_its_neighbours(tmp_path: Path) -> None:
+    # A folder of the user's, no manifest: one checkpoint, a README, and a damaged neighbour.
+    torch.save({"w": torch.zeros(3)}, tmp_path / "model.pth")
+    (tmp_path / "README.md").write_text("# my project\n")
+    (tmp_path / "broken.pth").write_bytes(b"\x80\x02garbage")
+    for command in ("verify", "inspect"):
+        ok = cli(command, str(tmp_path / "model.pth"))
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stderr == "", f"{command} read more than the file it was given: {ok.stderr}"
+        stray = cli(command, str(tmp_path / "README.md"))
+        assert stray.returncode == 2 and "Traceback" not in stray.stderr
+        assert len(stray.stderr.strip().splitlines()) == 1
+        assert "README.md is not a readable checkpoint" in stray.stderr and "broken.pth" not in stray.stderr
+    assert not (tmp_path / "genesis_manifest.json").exists()
+
+
+def test_export_never_creates_directories_the_user_did_not_name(tmp_path: Path, store_dir: Path) -> None:
+    out = cli("export", str(store_dir / "best_model.pth"), str(tmp_path / "no_such_dir" / "m.safetensors"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "directory" in out.stderr and "no_such_dir" in out.stderr and "does not exist" in out.stderr
+    assert not (tmp_path / "no_such_dir").exists()
+
+
+def test_help_answers_without_importing_torch_fsspec_or_lightning() -> None:
+    # --help of every command; what is imported is the cost (torch alone takes seconds), so that is checked.
+    code = (
+        "import sys\n"
+        "from lightning_genesis_ckpt.cli import main\n"
+        "for argv in (['--help'], *([c, '--help'] for c in "
+        "('ls', 'verify', 'inspect', 'resume-path', 'prune', 'export'))):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, argv\n"
+        "heavy = ('torch', 'fsspec', 's3fs', 'numpy', 'lightning', 'pytorch_lightning')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "usage: genesis-ckpt" in out.stdout and "--keep-best" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize(

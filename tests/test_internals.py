@@ -79,3 +79,18 @@ def test_dump_streams_without_a_second_buffer() -> None:
         tracemalloc.stop()
     assert size == sink.size > 32 * 2**20
     assert peak < 2**20, f"serialization held {peak / 2**20:.1f} MiB of Python buffers"
+
+
+@pytest.mark.parametrize(
+    ("size", "elapsed", "expected"),
+    [
+        (47_923, 0.004, "46.8 KiB in 0.00s"),  # too quick to time: no speed (it used to say "0 MiB/s")
+        (47_923, 0.05, "46.8 KiB in 0.05s, 936.0 KiB/s"),
+        (3 * 2**30, 2.0, "3.0 GiB in 2.00s, 1.5 GiB/s"),
+        (None, 1.234, "in 1.23s"),
+    ],
+)
+def test_transfer_summary_picks_a_unit_that_fits(size: int | None, elapsed: float, expected: str) -> None:
+    from lightning_genesis_ckpt.core.display import transfer_summary
+
+    assert transfer_summary(size, elapsed) == expected

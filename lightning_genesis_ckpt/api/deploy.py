@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..core.names import EXPORT_FORMATS
 from ..storage.serialization import SPOOL_IN_MEMORY
 from .functional import file_store, load
 from .tools import WRAPPER_PREFIXES, extract_model_state_dict, load_state_dict_into, strip_key_prefixes
@@ -24,7 +25,7 @@ from .tools import WRAPPER_PREFIXES, extract_model_state_dict, load_state_dict_i
 log = logging.getLogger(__name__)
 
 ExportFormat = Literal["safetensors", "torch.export", "torchscript"]
-FORMATS: tuple[str, ...] = ("safetensors", "torch.export", "torchscript")
+FORMATS = EXPORT_FORMATS
 
 
 def export(

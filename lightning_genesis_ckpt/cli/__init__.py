@@ -11,9 +11,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ..api.deploy import FORMATS
 from ..core.errors import GenesisCheckpointError, is_storage_client_error
-from . import commands
+from ..core.names import EXPORT_FORMATS
 from .common import PROG, UserError, storage_options
 
 __all__ = ["build_parser", "main"]
@@ -40,22 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", parents=[common], help="list committed checkpoints")
     p.add_argument("dir")
     p.add_argument("--verify", action="store_true", help="verify checksums too (reads every file)")
-    p.set_defaults(func=commands.cmd_ls)
+    p.set_defaults(func="cmd_ls")
 
     p = sub.add_parser("verify", parents=[common], help="verify checksums; exit 1 if anything is corrupt")
     p.add_argument("path", help="a store directory or one checkpoint file")
-    p.set_defaults(func=commands.cmd_verify)
+    p.set_defaults(func="cmd_verify")
 
     p = sub.add_parser("inspect", parents=[common], help="describe one checkpoint file")
     p.add_argument("file")
     p.add_argument("--trusted", action="store_true", help="allow full pickle (only for files you trust)")
-    p.set_defaults(func=commands.cmd_inspect)
+    p.set_defaults(func="cmd_inspect")
 
     p = sub.add_parser(
         "resume-path", parents=[common], help="which checkpoint auto-resume would pick, and why"
     )
     p.add_argument("dir")
-    p.set_defaults(func=commands.cmd_resume_path)
+    p.set_defaults(func="cmd_resume_path")
 
     p = sub.add_parser(
         "prune",
@@ -72,16 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep-for", help="also keep everything saved within this long (90, 30m, 12h, 7d)")
     p.add_argument("--dry-run", action="store_true")
-    p.set_defaults(func=commands.cmd_prune)
+    p.set_defaults(func="cmd_prune")
 
     p = sub.add_parser("export", parents=[common], help="export a checkpoint's model for deployment")
     p.add_argument("file", help="a checkpoint file (Lightning, save/save_checkpoint, or a state dict)")
     p.add_argument("out", help="the artifact to write (path or URL)")
-    p.add_argument("--format", choices=FORMATS, default="safetensors")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="safetensors")
     p.add_argument("--model", help="package.module:Class to trace (torch.export and torchscript only)")
     p.add_argument("--input-shape", help="example input shape to trace with, e.g. 1,32 (program formats)")
     p.add_argument("--trusted", action="store_true", help="allow full pickle (only for files you trust)")
-    p.set_defaults(func=commands.cmd_export)
+    p.set_defaults(func="cmd_export")
     return parser
 
 
@@ -99,7 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--keep-last must be at least 1, --keep-best and --keep-every-steps at least 0")
     try:
         args.options = storage_options(args.storage_option)
-        return int(args.func(args))
+        # Imported only now: the commands need torch and fsspec, whose imports take seconds; ``--help`` and
+        # argument errors answer without them.
+        from . import commands
+
+        return int(getattr(commands, args.func)(args))
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import torch
 from ..api.deploy import export
 from ..core.display import human_size
 from ..core.errors import GenesisCheckpointError
+from ..core.names import MANIFEST_NAME
 from ..core.preservation import (
     AnyOf,
     BestN,
@@ -24,7 +25,18 @@ from ..core.preservation import (
 from ..core.records import CheckpointRecord
 from ..storage.resume import resolve
 from ..storage.store import CheckpointStore
-from .common import ROLE_WORDS, UserError, age, emit, format_table, open_store, status, target
+from .common import (
+    ROLE_WORDS,
+    UserError,
+    age,
+    emit,
+    format_table,
+    load_unlisted,
+    open_store,
+    split_file,
+    status,
+    target,
+)
 
 
 # ----------------------------------------------------------------------------------------- commands
@@ -54,22 +66,23 @@ def cmd_ls(args: argparse.Namespace) -> int:
             ]
         )
     emit(args, rows, format_table(table))
-    return 0
+    return 1 if any(row["status"] != "ok" for row in rows) else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     store, name = target(args.path, args.options)
     names = [name] if name is not None else [r.name for r in store.records()]
+    listed = store.manifest().records if name is None or store.exists(MANIFEST_NAME) else {}
     results = []
     for n in names:
         try:
-            if n in store.manifest().records:
+            if n in listed:
                 files = store.verify(n).files
                 detail = "checksum matches" if files is None else f"all {len(files)} files match"
                 results.append({"name": n, "status": "ok", "detail": f"{detail} the manifest"})
             else:
                 # A file the manifest does not list: the best we can do is prove that it loads.
-                store.load(n, verify=False)
+                load_unlisted(store, n, verify=False)
                 results.append({"name": n, "status": "ok", "detail": "loads (no manifest checksum)"})
         except FileNotFoundError as e:
             results.append({"name": n, "status": "missing", "detail": str(e)})
@@ -122,7 +135,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     store, name = target(args.file, args.options)
     if name is None:
         raise UserError(f"{args.file!r} is a directory; inspect takes a checkpoint file")
-    obj = store.load(name, trusted=args.trusted)
+    if store.exists(MANIFEST_NAME) and name in store.manifest().records:
+        obj = store.load(name, trusted=args.trusted)
+    else:
+        obj = load_unlisted(store, name, trusted=args.trusted)
     info = {"file": store.url_for(name), **_describe(obj)}
     lines = [f"{k}: {v}" for k, v in info.items() if k not in ("keys", "hparams")]
     if "keys" in info:
@@ -174,6 +190,13 @@ def _duration(text: str) -> float:
 def _prune_policy(args: argparse.Namespace, records: list[CheckpointRecord]) -> PreservationPolicy:
     monitors = {r.monitor for r in records if r.role in ("epoch", "step") and r.monitor}
     monitor = args.monitor or (monitors.pop() if len(monitors) == 1 else None)
+    recorded = sorted({k for r in records for k in r.metrics})
+    if args.monitor and records and args.monitor not in recorded:
+        # A typo would otherwise protect nothing: BestN ranks records without the metric last.
+        raise UserError(
+            f"--monitor {args.monitor!r} is not a metric of any checkpoint in {args.dir}; recorded: "
+            + (", ".join(recorded) if recorded else "none")
+        )
     policies: list[PreservationPolicy] = [LatestN(args.keep_last)]
     if args.keep_best:
         if monitor is None:
@@ -236,6 +259,12 @@ def cmd_export(args: argparse.Namespace) -> int:
                 f"--input-shape expects comma-separated sizes like 1,32, got {args.input_shape!r}"
             ) from e
         example = torch.zeros(shape)
+    out_dir = split_file(args.out)[0]
+    destination = open_store(out_dir, args.options, must_exist=False)
+    if destination.local and not destination.is_directory():
+        # The user names a file; creating the directories on its way (at the filesystem root, say) is a
+        # typo turned into litter.
+        raise UserError(f"cannot export to {args.out}: directory {out_dir!r} does not exist; create it first")
     try:
         out = export(
             args.file,

@@ -6,12 +6,14 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.errors import GenesisCheckpointError
 from ..core.names import MANIFEST_NAME
 from ..core.records import CheckpointRecord
-from ..storage.store import StoreReader
+
+if TYPE_CHECKING:
+    from ..storage.store import StoreReader
 
 PROG = "genesis-ckpt"
 
@@ -38,13 +40,34 @@ def storage_options(pairs: Sequence[str]) -> dict[str, Any]:
 
 def open_store(url: str, options: dict[str, Any], *, must_exist: bool = True) -> StoreReader:
     """A read-only view of the directory: the read commands never remove or rewrite anything."""
+    from ..storage.store import StoreReader  # torch and fsspec: not for --help
+
+    return _open(StoreReader, url, options, must_exist)
+
+
+def _open(cls: type[StoreReader], url: str, options: dict[str, Any], must_exist: bool) -> StoreReader:
     try:
-        store = StoreReader(url, options, verbose=False)
+        store = cls(url, options, verbose=False)
     except (ValueError, ImportError) as e:
         raise UserError(f"cannot open {url!r}: {e}") from e
     if must_exist and not store.is_directory():
         raise UserError(f"{url!r} is not a directory")
     return store
+
+
+def _file_reader(url: str, options: dict[str, Any]) -> StoreReader:
+    """The directory of a file the user named: its manifest is read if it has one, and nothing else.
+
+    A directory without a manifest is not rebuilt from its files, which would load every neighbour of the
+    named file (the user's README, their data) just to answer about one.
+    """
+    from ..storage.location import Conduct
+    from ..storage.store import StoreReader
+
+    class FileReader(StoreReader):
+        conduct = Conduct(rebuilds=False, sweeps=False)
+
+    return _open(FileReader, url, options, must_exist=False)
 
 
 def split_file(url: str) -> tuple[str, str]:
@@ -55,20 +78,41 @@ def split_file(url: str) -> tuple[str, str]:
 
 
 def target(url: str, options: dict[str, Any]) -> tuple[StoreReader, str | None]:
-    """A directory gives (store, None); a file gives (its directory's store, its name)."""
+    """A directory gives (store, None); a file gives (a reader of its directory, its name).
+
+    Only the named file (and its directory's manifest, if there is one) is read.
+    """
     store = open_store(url, options, must_exist=False)
     if store.is_directory():
-        parent = open_store(split_file(url)[0], options, must_exist=False)
+        parent = _file_reader(split_file(url)[0], options)
         if not store.exists(MANIFEST_NAME) and parent.exists(MANIFEST_NAME):
             name = split_file(url)[1]
             if name in parent.manifest().records:  # a directory checkpoint, not a checkpoint directory
                 return parent, name
         return store, None
     directory, name = split_file(url)
-    parent = open_store(directory, options, must_exist=False)
+    parent = _file_reader(directory, options)
     if not parent.exists(name):
         raise UserError(f"{url!r} does not exist")
     return parent, name
+
+
+def load_unlisted(store: StoreReader, name: str, **kwargs: Any) -> Any:
+    """Load a file that no manifest lists; a file that is not a checkpoint at all is the user's error.
+
+    Without a record there is no telling a damaged checkpoint from a stray file (a README, a CSV), so both
+    get the same one line, naming the file.
+    """
+    from ..core.errors import CheckpointCorruptError
+
+    try:
+        return store.load(name, **kwargs)
+    except CheckpointCorruptError as e:
+        reason = e.reason.split("; torch said:")[0]
+        raise UserError(
+            f"{store.url_for(name)} is not a readable checkpoint ({reason}): corrupt, or not a checkpoint "
+            "at all; give a checkpoint file or a checkpoint directory"
+        ) from e
 
 
 def age(created: float) -> str:

@@ -122,3 +122,8 @@ def intent_name(final_name: str) -> str:
 def intent_target(name: str) -> str | None:
     """The file an intent marker announces, or None if ``name`` is not an intent marker."""
     return name[len(_INTENT_PREFIX) :] if name.startswith(_INTENT_PREFIX) else None
+
+
+# The artifact formats of ``genesis.export`` (here, not in the exporter, so the CLI can offer them without
+# importing torch).
+EXPORT_FORMATS: tuple[str, ...] = ("safetensors", "torch.export", "torchscript")
