@@ -13,7 +13,7 @@ from ..core.records import CheckpointRecord
 from ..core.save_decision import Event
 from ..storage import safe_types
 from ..storage.store import CheckpointStore
-from . import _lightning, _lightning_loops, commits, fit_state, rng, snapshot
+from . import _lightning, _lightning_loops, commits, epoch_metrics, fit_state, rng, snapshot
 from ._lightning import (
     CHECKPOINT_BASES,
     SIGTERM_EXCEPTIONS,
@@ -214,6 +214,7 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
             state["callback_metrics"] = _lightning_loops.scalar_callback_metrics(trainer)
             state["plateau_steps"] = _lightning_loops.pending_plateau_steps(trainer)
             if fit_state.mid_epoch(trainer):
+                state["epoch_metrics"] = epoch_metrics.capture(trainer)
                 plan, _ = self._fast_forward.plan(trainer)
                 if plan is not None:
                     state["fast_forward"] = plan
