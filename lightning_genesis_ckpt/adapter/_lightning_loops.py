@@ -6,7 +6,9 @@ Lightning leaves no public way around.
 * ``ReduceLROnPlateau`` (the loops' scheduler configs and ``callback_metrics``): Lightning does not step
   plateau schedulers after a restart, and does not save the metrics they read.
 * the train DataLoader iterator (``fit_loop._combined_loader``), for the mid-epoch fast-forward.
-* the logged metrics (``_logger_connector``), to tell a monitor that was never logged from one logged later.
+* the logged metrics (``_logger_connector``, the loops' result collections), to tell a monitor that was never
+  logged from one logged later, to tell which metrics belong to the moment of a save, and to carry an
+  interrupted epoch's running means across a resume (:mod:`.epoch_metrics`).
 """
 
 from __future__ import annotations
@@ -170,6 +172,47 @@ def logged_metric_names(trainer: Any) -> set[str]:
             if getattr(meta, "forked", False):
                 names |= {f"{name}_step", f"{name}_epoch"}
     return names
+
+
+def _names_of(result: Any) -> tuple[str, ...]:
+    meta = result.meta
+    name = meta.name
+    if meta.add_dataloader_idx and meta.dataloader_idx is not None:
+        suffix = f"/dataloader_idx_{meta.dataloader_idx}"
+        return (
+            (name + suffix, f"{name}_step{suffix}", f"{name}_epoch{suffix}")
+            if meta.forked
+            else (name + suffix,)
+        )
+    return (name, f"{name}_step", f"{name}_epoch") if meta.forked else (name,)
+
+
+def metric_sources(trainer: Any) -> dict[str, str]:
+    """Where each logged metric name comes from: ``"validation"``, ``"train_step"`` (a value of the batch that
+    ran last), ``"train_epoch"`` (an epoch's aggregate, produced at the epoch end) or ``"train"`` (the plain
+    name of a metric logged with both ``on_step`` and ``on_epoch``: the step's value, then the epoch's)."""
+    sources: dict[str, str] = {}
+    epoch_loop = trainer.fit_loop.epoch_loop
+    for result in epoch_loop._results.values():
+        meta = getattr(result, "meta", None)
+        if meta is None:
+            continue
+        names = _names_of(result)
+        if meta.forked:
+            sources.update({names[0]: "train", names[1]: "train_step", names[2]: "train_epoch"})
+        else:
+            sources[names[0]] = "train_epoch" if meta.on_epoch else "train_step"
+    for result in epoch_loop.val_loop._results.values():
+        if getattr(result, "meta", None) is not None:
+            sources.update(dict.fromkeys(_names_of(result), "validation"))
+    return sources
+
+
+def step_metrics(trainer: Any) -> dict[str, Any]:
+    """The values logged ``on_step`` by the batch that just ran, before Lightning copies them into
+    ``callback_metrics`` (which happens after the ``on_train_batch_end`` hooks)."""
+    metrics: dict[str, Any] = trainer.fit_loop.epoch_loop._results.metrics(True)["callback"]
+    return metrics
 
 
 def _defined_outside_lightning(obj: Any, method: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import weakref
 from collections.abc import Mapping, Sequence
@@ -9,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.preservation import AnyOf, BestN, LatestN, Mode, PreservationPolicy
 from ..core.records import CheckpointRecord
-from ..core.save_decision import EpochInterval
+from ..core.save_decision import Event
 from ..storage import safe_types
 from ..storage.store import CheckpointStore
-from . import _lightning, _lightning_loops, commits, fit_state, rng, snapshot
+from . import _lightning, _lightning_loops, commits, epoch_metrics, fit_state, rng, snapshot
 from ._lightning import (
     CHECKPOINT_BASES,
     SIGTERM_EXCEPTIONS,
@@ -23,10 +24,11 @@ from ._lightning import (
 )
 from .async_save import BackgroundSaver, SnapshotBuffers
 from .ckpt_paths import CheckpointPaths, ModelCheckpointAttributes
-from .commits import EpochDecision
+from .commits import SaveDecision
 from .fastforward import FastForward
 from .preemption import Preemption, SignalSpec
 from .sharded import save_sharded
+from .triggers import Triggers
 
 if TYPE_CHECKING:
     from pytorch_lightning.callbacks import Checkpoint as _CheckpointBase
@@ -40,8 +42,9 @@ log = logging.getLogger(__name__)
 class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
     """Atomic, checksummed checkpoints on any fsspec URL, with exact auto-resume and interrupt snapshots.
 
-    Files in ``dirpath``: ``checkpoint_epoch_{epoch}.pth`` (the newest ``keep_last`` are kept),
-    ``best_model.pth`` (best by ``monitor``/``mode``), ``interrupt_checkpoint.pth`` (Ctrl+C, a preemption
+    Files in ``dirpath``: ``checkpoint_epoch_{epoch}.pth`` and ``checkpoint_step_{step}.pth`` (one sequence,
+    ordered by optimizer steps: the newest ``keep_last`` are kept), ``best_model.pth`` (best by
+    ``monitor``/``mode``, judged at every validation run with that validation's metrics), ``interrupt_checkpoint.pth`` (Ctrl+C, a preemption
     signal or a crash inside ``fit``), and ``genesis_manifest.json``. Every file is a standard Lightning
     checkpoint plus the global RNG states, loadable with ``torch.load(weights_only=True)``.
 
@@ -68,6 +71,12 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
             ``genesis-ckpt prune`` apply.
         every_n_epochs: save a rolling checkpoint every n epochs (and always after the final epoch);
             0 saves only the final epoch (``best_model.pth`` is still kept up to date).
+        every_n_train_steps: also save ``checkpoint_step_{step}.pth`` every n optimizer steps (None: no step
+            trigger). A run resumed from one continues bit-identically (see ``docs/resume.md``).
+        train_time_interval: also save once this much time (a ``timedelta``) has passed since the last save,
+            checked after every optimizer step; rank 0's clock decides.
+        save_on_validation: also save after every validation run (``val_check_interval < 1`` saves several
+            times per epoch).
         auto_resume: ``trainer.fit(model)`` without ``ckpt_path`` resumes from the newest valid checkpoint
             here. An explicit ``ckpt_path`` always wins.
         save_on_exception: write ``interrupt_checkpoint.pth`` when ``fit`` is interrupted or crashes.
@@ -105,9 +114,13 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         preemption_signals: Sequence[SignalSpec] = ("SIGTERM",),
         preemption_exit_code: int | None = None,
         preserve: PreservationPolicy | None = None,
+        every_n_train_steps: int | None = None,
+        train_time_interval: datetime.timedelta | None = None,
+        save_on_validation: bool = False,
     ) -> None:
         super().__init__()
         fit_state.validate_settings(mode, keep_last, save_top_k, every_n_epochs, monitor)
+        fit_state.validate_triggers(every_n_train_steps, train_time_interval, save_on_validation)
         self.monitor = monitor
         self.mode: Mode = mode
         self.save_top_k = save_top_k
@@ -119,7 +132,9 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         self.store = CheckpointStore(str(dirpath), storage_options, verbose=verbose)
         #: The checkpoint directory as ModelCheckpoint names it: an absolute local path, or the URL.
         self.dirpath = self.store.root if self.store.local else self.store.url
-        self.save_policy = EpochInterval(every_n_epochs)
+        self.triggers = Triggers(every_n_epochs, every_n_train_steps, train_time_interval, save_on_validation)
+        #: When a scheduled checkpoint is due: epoch, step, time and validation triggers in one policy.
+        self.save_policy = self.triggers.policy
         kept_best = (BestN(save_top_k, monitor, mode),) if monitor is not None else ()
         self.preserve: PreservationPolicy = preserve or AnyOf(LatestN(keep_last), *kept_best)
         self.paths = CheckpointPaths(self.store, monitor, mode, save_top_k, trusted)
@@ -199,6 +214,7 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
             state["callback_metrics"] = _lightning_loops.scalar_callback_metrics(trainer)
             state["plateau_steps"] = _lightning_loops.pending_plateau_steps(trainer)
             if fit_state.mid_epoch(trainer):
+                state["epoch_metrics"] = epoch_metrics.capture(trainer)
                 plan, _ = self._fast_forward.plan(trainer)
                 if plan is not None:
                     state["fast_forward"] = plan
@@ -220,6 +236,7 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._trainer_ref = weakref.ref(trainer)
         self._training_started = True
+        self.triggers.start()
         self.preemption.take_over(trainer, defer=True)
         restored, self._restored = self._restored, {}
         self._fast_forward.restore(trainer, restored)
@@ -236,6 +253,12 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if (
+            self.triggers.at_steps
+            and _lightning_loops.at_optimizer_step_boundary(trainer)
+            and not self.triggers.deferred_to_epoch_end(trainer)
+        ):
+            self._save(trainer, "step")
         self.preemption.after_train_batch(trainer)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
@@ -250,44 +273,57 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         if not self._monitor_checked and self.monitor is not None:
             final = not _lightning_loops.may_log_at_epoch_end(trainer, self)
             self._monitor_checked = fit_state.check_monitor(trainer, self.monitor, final=final)
+        self.triggers.validation_ended(trainer)
+        if not self.triggers.deferred_to_epoch_end(trainer):
+            # A validation in the middle of the epoch: the best is judged on its metrics, now.
+            self._save(trainer, "validation")
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._training_finished = True
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self._monitor_checked and self.monitor is not None:
+            self._monitor_checked = fit_state.check_monitor(trainer, self.monitor, final=True)
         try:
-            self._save_epoch(trainer)
+            self._save(trainer, "epoch")
         finally:
             self.preemption.epoch_ended(trainer)
 
-    def _save_epoch(self, trainer: Any) -> None:
+    def _save(self, trainer: Any, event: Event) -> None:
+        """One save point: decide on rank 0 (the schedule, and the best by this moment's metrics), then commit
+        the checkpoint, its best copy and retention as one transaction."""
+        context = self.triggers.context(trainer, event)
+        if (
+            event == "step"
+            and not self.triggers.needs_rank_zero
+            and not self.save_policy.should_save(context)
+        ):
+            return  # the common case between two step saves: a pure check, no collective, no I/O
         # The previous save must have committed before "is this the best?" is judged against the manifest.
         self._saver.wait()
         self._report_commit(trainer)
-        epoch = trainer.current_epoch
-        metrics = fit_state.scalar_metrics(trainer)
-        if not self._monitor_checked and self.monitor is not None:
-            self._monitor_checked = fit_state.check_monitor(trainer, self.monitor, final=True)
+        metrics = self.triggers.fresh_metrics(trainer, event)
         value = fit_state.monitored_value(self.monitor, metrics)
         decision = commits.decide_everywhere(
             trainer,
             lambda: commits.decide(
                 self.store,
                 self.save_policy,
+                self.triggers.epoch_policy,
                 self.monitor,
                 self.mode,
                 value,
-                epoch,
-                trainer.global_step,
-                fit_state.is_final_epoch(trainer),
+                context,
             ),
         )
         if decision is None:
             return
+        if decision.due:
+            self.triggers.saved(context.global_step)
         checkpoint = dump_checkpoint(trainer)
         fields = {
-            "epoch": epoch,
-            "global_step": trainer.global_step,
+            "epoch": context.epoch,
+            "global_step": context.global_step,
             "metrics": metrics,
             "monitor": self.monitor,
         }
@@ -297,7 +333,7 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
                 self.store,
                 trainer,
                 checkpoint,
-                decision.name(epoch),
+                decision.name,
                 role=decision.role,
                 then=lambda tx, rec: commits.finish(tx, rec, decision, self.preserve, self.resumed_from),
                 **fields,
@@ -309,7 +345,7 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
             return
         if not trainer.is_global_zero:
             return
-        self._check_types(checkpoint, decision.name(epoch))
+        self._check_types(checkpoint, decision.name)
         if self.async_save:
             snapshot = self._snapshots.snapshot(checkpoint)
             del checkpoint
@@ -318,11 +354,9 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
             self._commit(checkpoint, decision, fields)
             self._report_commit(trainer)
 
-    def _commit(self, checkpoint: dict[str, Any], decision: EpochDecision, fields: dict[str, Any]) -> None:
-        """The epoch's checkpoint, best_model.pth and retention, as one transaction (see :mod:`.commits`)."""
-        record = commits.commit_epoch(
-            self.store, checkpoint, decision, fields, self.preserve, self.resumed_from
-        )
+    def _commit(self, checkpoint: dict[str, Any], decision: SaveDecision, fields: dict[str, Any]) -> None:
+        """The checkpoint, best_model.pth and retention, as one transaction (see :mod:`.commits`)."""
+        record = commits.commit(self.store, checkpoint, decision, fields, self.preserve, self.resumed_from)
         self.last_saved = record
         self._unreported = record  # loggers hear of it on the training thread (async saves run elsewhere)
 

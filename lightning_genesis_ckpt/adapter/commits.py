@@ -1,7 +1,7 @@
-"""What the callback commits: at an epoch end, one transaction (the checkpoint, ``best_model.pth``, retention).
+"""What the callback commits at a save point: one transaction (the checkpoint, ``best_model.pth``, retention).
 
 The decisions are pure (:mod:`.save_decision`, :mod:`.preservation`); this module applies them to the store,
-so that an epoch's save, its best copy and the deletions it allows commit together with one manifest write.
+so that a save, its best copy and the deletions it allows commit together with one manifest write.
 """
 
 from __future__ import annotations
@@ -10,51 +10,69 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.names import BEST_NAME, epoch_name
+from ..core.names import BEST_NAME, epoch_name, epoch_of_name, step_name
 from ..core.preservation import Mode, PreservationPolicy, RetentionContext, select_deletions
 from ..core.records import CheckpointRecord
-from ..core.save_decision import EpochInterval, SaveContext, is_better
+from ..core.save_decision import SaveContext, SaveDecisionPolicy, is_better
 from ..storage.store import CheckpointStore
 from ..storage.transaction import Transaction
 from . import distributed
 
 
 @dataclass(frozen=True)
-class EpochDecision:
-    """What an epoch end saves: a scheduled checkpoint (``due``), ``best_model.pth`` (``improved``), or both."""
+class SaveDecision:
+    """What a save point writes: a scheduled checkpoint (``due``), ``best_model.pth`` (``improved``), or both.
+
+    ``scheduled`` is the scheduled checkpoint's name (``checkpoint_epoch_{e}.pth`` at an epoch end whose
+    epoch interval is due, else ``checkpoint_step_{N}.pth``).
+    """
 
     due: bool
     improved: bool
+    scheduled: str
 
-    def name(self, epoch: int) -> str:
+    @property
+    def name(self) -> str:
         """The file the state is written to (the best copy, if any, is a copy of it)."""
-        return epoch_name(epoch) if self.due else BEST_NAME
+        return self.scheduled if self.due else BEST_NAME
 
     @property
     def role(self) -> str:
-        return "epoch" if self.due else "best"
+        if not self.due:
+            return "best"
+        return "epoch" if epoch_of_name(self.scheduled) is not None else "step"
+
+
+def scheduled_name(context: SaveContext, epoch_due: bool) -> str:
+    """The scheduled checkpoint's name: an epoch's when the epoch interval is due, else the step's."""
+    return epoch_name(context.epoch) if epoch_due else step_name(context.global_step)
 
 
 def decide(
     store: CheckpointStore,
-    schedule: EpochInterval,
+    policy: SaveDecisionPolicy,
+    epoch_policy: SaveDecisionPolicy,
     monitor: str | None,
     mode: Mode,
     value: float | None,
-    epoch: int,
-    global_step: int,
-    is_final: bool,
-) -> EpochDecision | None:
-    """The epoch-end decision (on rank 0): due by the schedule, improved over ``best_model.pth``."""
-    best = store.manifest().get(BEST_NAME)
-    improved = monitor is not None and is_better(value, best.metric() if best else None, mode)
-    due = schedule.should_save(
-        SaveContext(epoch=epoch, global_step=global_step, now=time.time(), is_final=is_final)
-    )
-    return EpochDecision(due, improved) if due or improved else None
+    context: SaveContext,
+) -> SaveDecision | None:
+    """The decision at a save point (on rank 0): due by the policy, improved over ``best_model.pth``.
+
+    ``value`` is the monitored metric *of this moment* (None when it was not produced now): a stale value
+    never decides the best.
+    """
+    improved = False
+    if monitor is not None and value is not None:
+        best = store.manifest().get(BEST_NAME)
+        improved = is_better(value, best.metric() if best else None, mode)
+    due = policy.should_save(context)
+    if not (due or improved):
+        return None
+    return SaveDecision(due, improved, scheduled_name(context, epoch_policy.should_save(context)))
 
 
-def decide_everywhere(trainer: Any, decide_on_rank_zero: Any) -> EpochDecision | None:
+def decide_everywhere(trainer: Any, decide_on_rank_zero: Any) -> SaveDecision | None:
     """Run the decision on rank 0 and hand it (or its error) to every rank: strategies that shard the model
     gather state inside ``dump_checkpoint``, which every rank must then join."""
     return distributed.on_rank_zero(
@@ -73,18 +91,18 @@ def retire(
     return tx.delete(select_deletions(tx.manifest.records.values(), preserve, context))
 
 
-def commit_epoch(
+def commit(
     store: CheckpointStore,
     checkpoint: dict[str, Any],
-    decision: EpochDecision,
+    decision: SaveDecision,
     fields: dict[str, Any],
     preserve: PreservationPolicy,
     resumed_from: CheckpointRecord | None,
 ) -> CheckpointRecord:
-    """Write the epoch's checkpoint, copy it to ``best_model.pth`` if it improved, apply retention: one
-    transaction, one manifest write. Returns the record written."""
+    """Write the checkpoint, copy it to ``best_model.pth`` if it improved, apply retention: one transaction,
+    one manifest write. Returns the record written."""
     with store.transaction() as tx:
-        record = tx.write(decision.name(fields["epoch"]), checkpoint, role=decision.role, **fields)
+        record = tx.write(decision.name, checkpoint, role=decision.role, **fields)
         finish(tx, record, decision, preserve, resumed_from)
     return record
 
@@ -92,11 +110,11 @@ def commit_epoch(
 def finish(
     tx: Transaction,
     record: CheckpointRecord,
-    decision: EpochDecision,
+    decision: SaveDecision,
     preserve: PreservationPolicy,
     resumed_from: CheckpointRecord | None,
 ) -> None:
-    """The rest of an epoch's transaction once its checkpoint is written: the best copy, then retention."""
+    """The rest of a save's transaction once its checkpoint is written: the best copy, then retention."""
     if decision.due and decision.improved:
         tx.copy(record.name, BEST_NAME, role="best")
     retire(tx, record, preserve, resumed_from)

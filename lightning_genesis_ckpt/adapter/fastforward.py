@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler
 
-from . import _lightning_loops, rng
+from . import _lightning_loops, epoch_metrics, fit_state, rng
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class FastForward:
             reason = "the RNG state that shuffled this epoch could not be identified"
         if reason is not None or start is None:
             return None, reason
-        batches = int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+        batches = fit_state.batches_trained(trainer)
         plan = {"epoch": start.epoch, "batches": batches, "rng": start.rng, "base_seed": start.base_seed}
         return plan, None
 
@@ -155,9 +155,11 @@ class FastForward:
         The caller restores the snapshot's RNG state afterwards: making the iterator used the torch RNG.
         """
         epoch, batches = int(plan["epoch"]), int(plan["batches"])
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        if trainer.current_epoch != epoch or int(progress.completed) != batches:
-            return f"the restored loops are at epoch {trainer.current_epoch} batch {progress.completed}"
+        # processed, not completed: a checkpoint from on_train_batch_end counts its batch as processed only
+        # (Lightning completes it when the loop restarts, after this point).
+        done = fit_state.batches_trained(trainer)
+        if trainer.current_epoch != epoch or done != batches:
+            return f"the restored loops are at epoch {trainer.current_epoch} batch {done}"
         reason = unsupported_reason(trainer)
         if reason is not None:
             return reason
@@ -178,10 +180,12 @@ class FastForward:
 
     def restore(self, trainer: Any, restored: dict[str, Any]) -> None:
         """Apply the callback state a resumed run restored, once Lightning has restored the optimizers and reset
-        its metrics (at ``on_train_start``): the logged metrics, pending plateau steps, and the interrupted
-        epoch's remaining batches."""
+        its metrics (at ``on_train_start``): the logged metrics, the interrupted epoch's running means, pending
+        plateau steps, and the interrupted epoch's remaining batches."""
         if restored.get("callback_metrics"):
             _lightning_loops.restore_callback_metrics(trainer, restored["callback_metrics"])
+        if restored.get("epoch_metrics"):
+            epoch_metrics.restore(trainer, restored["epoch_metrics"])
         if restored.get("plateau_steps"):
             _lightning_loops.step_plateau_schedulers(trainer, restored["plateau_steps"])
         plan = restored.get("fast_forward")

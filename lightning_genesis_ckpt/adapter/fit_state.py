@@ -3,6 +3,7 @@ whether an exception is an interruption worth a snapshot. No I/O."""
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -16,8 +17,13 @@ from ._lightning_loops import logged_metric_names
 
 def scalar_metrics(trainer: Any) -> dict[str, float]:
     """``trainer.callback_metrics``' scalars as floats (what a record stores)."""
+    return scalars(trainer.callback_metrics)
+
+
+def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar values of ``metrics`` as floats."""
     out = {}
-    for key, value in trainer.callback_metrics.items():
+    for key, value in metrics.items():
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 continue
@@ -63,10 +69,15 @@ def is_final_epoch(trainer: Any) -> bool:
     return bool(trainer.should_stop or (max_steps is not None and 0 <= max_steps <= trainer.global_step))
 
 
+def batches_trained(trainer: Any) -> int:
+    """The batches of this epoch that have been trained on: ``processed`` rather than ``completed``, which
+    lags by one inside ``on_train_batch_end`` (where step checkpoints are taken)."""
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+
 def mid_epoch(trainer: Any) -> bool:
     """Whether the epoch has trained on some of its batches but not all."""
-    completed = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-    return bool(0 < completed < trainer.num_training_batches)
+    return bool(0 < batches_trained(trainer) < trainer.num_training_batches)
 
 
 def batches_since_optimizer_step(trainer: Any) -> int:
@@ -105,3 +116,26 @@ def validate_settings(mode: str, keep_last: Any, save_top_k: Any, every_n_epochs
             raise ValueError(f"GenesisCheckpoint({name}={value!r}) is invalid: use 0 or a positive int")
     if monitor is not None and (not isinstance(monitor, str) or not monitor):
         raise ValueError(f"GenesisCheckpoint(monitor={monitor!r}) is invalid: give a logged metric's name")
+
+
+def validate_triggers(every_n_train_steps: Any, train_time_interval: Any, save_on_validation: Any) -> None:
+    """Raise ``ValueError`` naming the first bad step, time or validation trigger setting."""
+    if every_n_train_steps is not None and (
+        isinstance(every_n_train_steps, bool)
+        or not isinstance(every_n_train_steps, int)
+        or every_n_train_steps < 0
+    ):
+        raise ValueError(
+            f"GenesisCheckpoint(every_n_train_steps={every_n_train_steps!r}) is invalid: use None or a positive int"
+        )
+    if train_time_interval is not None and (
+        not isinstance(train_time_interval, datetime.timedelta) or train_time_interval.total_seconds() <= 0
+    ):
+        raise ValueError(
+            f"GenesisCheckpoint(train_time_interval={train_time_interval!r}) is invalid: use a positive "
+            "datetime.timedelta, e.g. timedelta(minutes=30)"
+        )
+    if not isinstance(save_on_validation, bool):
+        raise ValueError(
+            f"GenesisCheckpoint(save_on_validation={save_on_validation!r}) is invalid: use True or False"
+        )

@@ -1,8 +1,11 @@
 """Should we save now? Save-decision policies: small pure objects, in the manner of Orbax's ``SaveDecisionPolicy``.
 
-Each takes a :class:`SaveContext` (where training is, and when the last checkpoint was saved) and answers
-yes or no; :class:`AnySave` combines them. The callback asks at the end of every epoch; step and time triggers
-ask at step boundaries.
+Each takes a :class:`SaveContext` (where training is, what just happened, and when the last checkpoint was
+saved) and answers yes or no; :class:`AnySave` combines them. The callback asks at three kinds of moment
+(``SaveContext.event``): after an optimizer step (``"step"``), at the end of a validation run in the middle
+of an epoch (``"validation"``), and at the end of an epoch (``"epoch"``, after the epoch's own validation).
+:class:`EpochInterval` answers only at epoch ends, :class:`AfterValidation` when a validation run has just
+ended, :class:`StepInterval` and :class:`TimeInterval` at any of them (an epoch end is a step boundary too).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 Mode = Literal["min", "max"]
+Event = Literal["step", "validation", "epoch"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,8 @@ class SaveContext:
         is_final: this is the last epoch (or step) of the run.
         last_step: the step of the last checkpoint saved on a schedule, if any.
         last_time: when that checkpoint (or, before the first one, training) started.
+        event: what has just happened: an optimizer step, a validation run mid-epoch, or an epoch's end.
+        validated: a validation run has ended at this step (and no optimizer step has run since).
     """
 
     epoch: int
@@ -34,6 +40,8 @@ class SaveContext:
     is_final: bool = False
     last_step: int | None = None
     last_time: float | None = None
+    event: Event = "epoch"
+    validated: bool = False
 
 
 class SaveDecisionPolicy(Protocol):
@@ -60,6 +68,8 @@ class EpochInterval:
         _count(self.n, "EpochInterval(n)", allow_zero=True)
 
     def should_save(self, context: SaveContext) -> bool:
+        if context.event != "epoch":
+            return False
         return context.is_final or (self.n > 0 and (context.epoch + 1) % self.n == 0)
 
 
@@ -96,6 +106,15 @@ class TimeInterval:
 
     def should_save(self, context: SaveContext) -> bool:
         return context.last_time is None or context.now - context.last_time >= self.seconds
+
+
+@dataclass(frozen=True)
+class AfterValidation:
+    """After every validation run: mid-epoch ones (``val_check_interval < 1``, or a step count) and those at
+    the end of an epoch (every ``check_val_every_n_epoch``-th), which the epoch-end save then covers."""
+
+    def should_save(self, context: SaveContext) -> bool:
+        return context.validated and context.last_step != context.global_step
 
 
 class AnySave:
