@@ -169,8 +169,12 @@ class RenameCommit:
 
     renames = True
 
-    def __init__(self, buffer_size: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, buffer_size: int = 8 * 1024 * 1024, write_buffer: int = 256 * 1024) -> None:
         self.buffer_size = buffer_size
+        # Small: torch hands every tensor's bytes over in one write, and a write larger than the buffer goes
+        # straight to the file. An 8 MiB buffer copied every tensor under 8 MiB once more (the profile: a
+        # tenth of a 16 MiB save); the headers and descriptors between them still coalesce.
+        self.write_buffer = write_buffer
         #: The test-only kill point hit once the data is durable, before the rename (see :mod:`._faults`).
         self.data_fault: str | None = "after-data-before-rename"
 
@@ -178,7 +182,7 @@ class RenameCommit:
     def open_write(self, path: str, *, sync: bool = True) -> Iterator[IO[bytes]]:
         directory, name = os.path.split(path)
         tmp = os.path.join(directory, temp_name(name))
-        f = open(tmp, "xb", buffering=self.buffer_size)  # noqa: SIM115 - closed on every path below
+        f = open(tmp, "xb", buffering=self.write_buffer)  # noqa: SIM115 - closed on every path below
         try:
             yield f
             f.flush()

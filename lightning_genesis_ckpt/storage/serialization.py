@@ -11,13 +11,16 @@ import pickle
 import re
 import tempfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import IO, Any, Literal
 
 import torch
 
 from ..core.errors import CheckpointCorruptError, UnsafeCheckpointError
 from . import safe_types
+from .checksums import ChecksumWriter, format_checksum
+
+__all__ = ["ChecksumWriter", "dump", "format_checksum", "load", "read_verified"]
 
 Serializer = Literal["torch", "dill"]
 MapLocation = Any  # whatever torch.load accepts as map_location
@@ -28,67 +31,6 @@ ZIP_MAGIC = b"PK\x03\x04"
 #: A checkpoint read from a remote filesystem is buffered in memory up to this size (peak: the file plus
 #: the loaded tensors), in an anonymous local temporary file above it (peak: the loaded tensors).
 SPOOL_IN_MEMORY = 512 * 2**20
-
-
-def format_checksum(crc: int) -> str:
-    """Render a crc32 value as it is stored in the manifest."""
-    return f"crc32:{crc & 0xFFFFFFFF:08x}"
-
-
-# Writes at least this large compute their crc32 on a helper thread while the bytes go to the file.
-PARALLEL_CRC_MIN = 1 << 20
-
-
-class ChecksumWriter:
-    """A write-only file wrapper that counts bytes and computes crc32 in the same pass as the write.
-
-    torch.save hands each tensor's bytes to ``write`` in one call, so the checksum costs no extra copy or
-    read. For large writes the crc32 (zlib releases the GIL) runs on a helper thread at the same time as the
-    write, so on a machine with two or more cores it adds almost nothing to the save.
-    """
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self._raw = raw
-        self.size = 0
-        self._crc = 0
-        self._pool: ThreadPoolExecutor | None = None
-        #: The first error the underlying file raised. torch.save turns it into an unrelated RuntimeError
-        #: ("unexpected pos ..."), so :func:`dump` re-raises this one instead.
-        self.error: OSError | None = None
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        try:
-            if len(view) >= PARALLEL_CRC_MIN:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genesis-crc")
-                pending = self._pool.submit(zlib.crc32, view, self._crc)
-                try:
-                    self._raw.write(view)
-                finally:
-                    # Always collect the crc before returning: ``view`` may not outlive this call.
-                    self._crc = pending.result()
-            else:
-                self._crc = zlib.crc32(view, self._crc)
-                self._raw.write(view)
-        except OSError as e:
-            self.error = self.error or e
-            raise
-        self.size += len(view)
-        return len(view)
-
-    def flush(self) -> None:
-        self._raw.flush()
-
-    def close(self) -> None:
-        """Stop the helper thread (the wrapped file is left open: its owner closes it)."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-    @property
-    def checksum(self) -> str:
-        return format_checksum(self._crc)
 
 
 def _dill_by_reference() -> Any:
@@ -115,23 +57,42 @@ def _dill_by_reference() -> Any:
     return module
 
 
-def dump(obj: Any, fileobj: IO[bytes], serializer: Serializer = "torch") -> tuple[int, str]:
+def _torch_writes_crcs() -> bool:
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # pragma: no cover - a torch without the setting always writes them
+        return True
+    return bool(getattr(config.save, "compute_crc32", True))
+
+
+def dump(
+    obj: Any,
+    fileobj: IO[bytes],
+    serializer: Serializer = "torch",
+    *,
+    read_back: Callable[[], tuple[int, int]] | None = None,
+) -> tuple[int, str]:
     """Serialize ``obj`` straight into ``fileobj``; returns ``(size, checksum)``.
 
-    The serialized bytes are never held in a second in-memory buffer.
+    The serialized bytes are never held in a second in-memory buffer. ``read_back`` (local files: see
+    :func:`.checksums.read_back_file`) lets the checksum reuse the crc32 torch computes for every record
+    instead of a second pass over the bytes (see :mod:`.checksums`).
 
     Raises:
         OSError: writing to ``fileobj`` failed (disk full, I/O error): the file's own error, with its errno.
     """
     if serializer not in ("torch", "dill"):
         raise ValueError(f"serializer must be 'torch' or 'dill', got {serializer!r}")
-    writer = ChecksumWriter(fileobj)
+    # torch writes each record's crc32 into the file only while its config says so.
+    reuse = read_back is not None and _torch_writes_crcs()
+    writer = ChecksumWriter(fileobj, read_back if reuse else None)
     try:
         if serializer == "dill":
             torch.save(obj, writer, pickle_module=_dill_by_reference())  # type: ignore[arg-type]
         else:
             torch.save(obj, writer)  # type: ignore[arg-type]
         writer.flush()
+        writer.finish()
     except Exception:
         if writer.error is not None:  # the disk's error (ENOSPC, EIO), not torch's rewording of it
             raise writer.error from None
