@@ -136,6 +136,26 @@ def test_a_crash_after_a_directory_exchange_keeps_the_complete_new_tree(
     assert study.expectations[study.interval(exchange.idx + 1)].during == "save_directory epoch 1 step 25"
 
 
+def test_the_replaced_tree_is_removed_only_once_the_exchange_is_durable(
+    studies: dict[str, explore.Study],
+) -> None:
+    # Found by the explorer (weak model): write_directory's cleanup removed the replaced tree, which the exchange
+    # had put under the pending temp name, before the directory holding both names was fsync'd. A power cut
+    # could keep those unlinks and lose the exchange: the committed epoch 1 came back without its shards.
+    study = studies["directory"]
+    exchange = next(op for op in study.ops if op.kind == "exchange")
+    aside = exchange.note.split(" -> ")[0]
+    removals = [
+        op
+        for op in study.ops[exchange.idx + 1 :]
+        if op.kind in ("unlink", "rmdir") and op.note.startswith(f"{aside}/")
+    ]
+    assert removals, f"the replaced tree {aside} was never removed"
+    assert Weak(study.ops).durable(removals[0].idx, exchange.idx)
+    violations, _ = study.judge(removals[0].idx + 1, frozenset())
+    assert violations == []
+
+
 def test_register_makes_the_file_durable_before_committing_it(studies: dict[str, explore.Study]) -> None:
     # Found by the explorer (both models): import_checkpoint of a file the user had just written registered it
     # as it was in the page cache; a power cut could then leave a committed record over a torn or missing file.

@@ -157,6 +157,21 @@ def test_failed_commit_removes_the_published_tree(store_url: StoreTarget) -> Non
     assert store_url.names() == ["checkpoint_epoch_0.pth", MANIFEST_NAME]
 
 
+def test_failed_commit_of_a_replacement_puts_the_old_tree_back(tmp_path: Path) -> None:
+    # On a local disk the old tree sits under the pending temp name after the exchange; a failed commit swaps it
+    # back. (write_directory's cleanup once removed it first, so the swap had nothing to bring back.)
+    store = ManifestWriteFails(str(tmp_path), None)
+    store.save_directory("interrupt_checkpoint.pth", writer(TREE), global_step=5)
+    store.arm(OSError(errno.EIO, "manifest write failed (injected)"))
+    with pytest.raises(OSError, match="injected"):
+        store.save_directory("interrupt_checkpoint.pth", writer({"meta.pt": b"new"}), global_step=9)
+    fresh = CheckpointStore(str(tmp_path))
+    assert fresh.manifest().records["interrupt_checkpoint.pth"].global_step == 5
+    fresh.verify("interrupt_checkpoint.pth")
+    assert tree_of(fresh.path("interrupt_checkpoint.pth")) == TREE
+    assert sorted(os.listdir(tmp_path)) == [MANIFEST_NAME, "interrupt_checkpoint.pth"]
+
+
 def test_retention_delete_removes_whole_directories(store_url: StoreTarget) -> None:
     store = store_url.store()
     for epoch in range(3):

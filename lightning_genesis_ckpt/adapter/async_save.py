@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class SnapshotBuffers:
@@ -90,6 +93,14 @@ class BackgroundSaver:
             self._thread.join()
             self._thread = None
         self.raise_if_failed()
+
+    def wait_logging_errors(self) -> None:
+        """Like ``wait``, but log an error instead of raising it: for paths where another exception (the one
+        that interrupted ``fit``) is what the user must see."""
+        try:
+            self.wait()
+        except Exception as e:
+            log.error("background checkpoint save failed: %s", e)
 
     def raise_if_failed(self) -> None:
         """Re-raise the error of a finished save without waiting for one still running."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import logging
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -13,7 +12,7 @@ from ..core.records import CheckpointRecord
 from ..core.save_decision import Event
 from ..storage import safe_types
 from ..storage.store import CheckpointStore
-from . import _lightning, _lightning_loops, commits, epoch_metrics, fit_state, rng, snapshot
+from . import _lightning, _lightning_loops, commits, fit_state, rng, snapshot
 from ._lightning import (
     CHECKPOINT_BASES,
     SIGTERM_EXCEPTIONS,
@@ -27,7 +26,6 @@ from .ckpt_paths import CheckpointPaths, ModelCheckpointAttributes
 from .commits import SaveDecision
 from .fastforward import FastForward
 from .preemption import Preemption, SignalSpec
-from .sharded import save_sharded
 from .triggers import Triggers
 
 if TYPE_CHECKING:
@@ -35,8 +33,6 @@ if TYPE_CHECKING:
 else:
     # Every installed Lightning flavour's Checkpoint: see _lightning.CHECKPOINT_BASES.
     _CheckpointBase = type("_CheckpointBase", CHECKPOINT_BASES, {})
-
-log = logging.getLogger(__name__)
 
 
 class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
@@ -193,7 +189,7 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         self.store.release_lock()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._finish_background_save(raise_errors=False)
+        self._saver.wait_logging_errors()
         self._close()
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -208,17 +204,8 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
     def state_dict(self) -> dict[str, Any]:
         # Captured when the checkpoint dict is built, i.e. at the save point; restored during Lightning's
         # restore, before the resumed run's first dataloader iterator draws its shuffle seed.
-        state: dict[str, Any] = {"rng": rng.capture()}
         trainer = self._trainer_ref() if self._trainer_ref is not None else None
-        if trainer is not None and self._training_started:
-            state["callback_metrics"] = _lightning_loops.scalar_callback_metrics(trainer)
-            state["plateau_steps"] = _lightning_loops.pending_plateau_steps(trainer)
-            if fit_state.mid_epoch(trainer):
-                state["epoch_metrics"] = epoch_metrics.capture(trainer)
-                plan, _ = self._fast_forward.plan(trainer)
-                if plan is not None:
-                    state["fast_forward"] = plan
-        return state
+        return self._fast_forward.capture(trainer if self._training_started else None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "rng" in state_dict:
@@ -329,18 +316,11 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         }
         if writes_directory(trainer.strategy):
             # Sharded state: every rank writes its shard through the strategy, synchronously.
-            record = save_sharded(
-                self.store,
-                trainer,
-                checkpoint,
-                decision.name,
-                role=decision.role,
-                then=lambda tx, rec: commits.finish(tx, rec, decision, self.preserve, self.resumed_from),
-                **fields,
+            record = commits.commit_sharded(
+                self.store, trainer, checkpoint, decision, fields, self.preserve, self.resumed_from
             )
             if record is not None:
-                self.last_saved = record
-                self._unreported = record
+                self.last_saved = self._unreported = record
                 self._report_commit(trainer)
             return
         if not trainer.is_global_zero:
@@ -368,18 +348,10 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         for logger in trainer.loggers:
             logger.after_save_checkpoint(weakref.proxy(self))
 
-    def _finish_background_save(self, *, raise_errors: bool) -> None:
-        try:
-            self._saver.wait()
-        except Exception as e:
-            if raise_errors:
-                raise
-            log.error("background checkpoint save failed: %s", e)
-
     # ------------------------------------------------------------------------------ interruptions
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # A save in flight finishes (and commits) first; its failure must not hide the original exception.
-        self._finish_background_save(raise_errors=False)
+        self._saver.wait_logging_errors()
         preempted = isinstance(exception, SIGTERM_EXCEPTIONS)
         # Lightning calls no teardown hook after an exception: the lock goes here, after the snapshot.
         try:
@@ -401,13 +373,7 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         )
         if reason is not None:
             if preempted and trainer.is_global_zero:
-                newest = self.paths.view().last
-                log.warning(
-                    "stopped by %s %s: no snapshot; the newest committed checkpoint is %s",
-                    what,
-                    reason,
-                    self.store.url_for(newest.name) if newest else "none (nothing to resume from)",
-                )
+                snapshot.warn_not_taken(self.store, self.paths.view().last, what, reason)
             return
         record = snapshot.take(
             self.store,

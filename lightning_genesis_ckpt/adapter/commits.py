@@ -17,6 +17,7 @@ from ..core.save_decision import SaveContext, SaveDecisionPolicy, is_better
 from ..storage.store import CheckpointStore
 from ..storage.transaction import Transaction
 from . import distributed
+from .sharded import save_sharded
 
 
 @dataclass(frozen=True)
@@ -118,3 +119,25 @@ def finish(
     if decision.due and decision.improved:
         tx.copy(record.name, BEST_NAME, role="best")
     retire(tx, record, preserve, resumed_from)
+
+
+def commit_sharded(
+    store: CheckpointStore,
+    trainer: Any,
+    checkpoint: dict[str, Any],
+    decision: SaveDecision,
+    fields: dict[str, Any],
+    preserve: PreservationPolicy,
+    resumed_from: CheckpointRecord | None,
+) -> CheckpointRecord | None:
+    """:func:`commit` for a strategy that shards the state: called on every rank, each writing its shard
+    through the strategy; rank 0 finishes the transaction. Returns the record on rank 0, else None."""
+    return save_sharded(
+        store,
+        trainer,
+        checkpoint,
+        decision.name,
+        role=decision.role,
+        then=lambda tx, record: finish(tx, record, decision, preserve, resumed_from),
+        **fields,
+    )

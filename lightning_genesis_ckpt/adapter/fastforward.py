@@ -178,6 +178,21 @@ class FastForward:
         )
         return None
 
+    def capture(self, trainer: Any | None) -> dict[str, Any]:
+        """The callback state a checkpoint carries: the global RNG states and, once training has started
+        (``trainer`` given), the logged metrics, pending plateau steps and, mid-epoch, the epoch's running
+        means and its fast-forward plan. The inverse of :meth:`restore`."""
+        state: dict[str, Any] = {"rng": rng.capture()}
+        if trainer is not None:
+            state["callback_metrics"] = _lightning_loops.scalar_callback_metrics(trainer)
+            state["plateau_steps"] = _lightning_loops.pending_plateau_steps(trainer)
+            if fit_state.mid_epoch(trainer):
+                state["epoch_metrics"] = epoch_metrics.capture(trainer)
+                plan, _ = self.plan(trainer)
+                if plan is not None:
+                    state["fast_forward"] = plan
+        return state
+
     def restore(self, trainer: Any, restored: dict[str, Any]) -> None:
         """Apply the callback state a resumed run restored, once Lightning has restored the optimizers and reset
         its metrics (at ``on_train_start``): the logged metrics, the interrupted epoch's running means, pending

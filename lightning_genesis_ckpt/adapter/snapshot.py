@@ -42,6 +42,16 @@ def inexact_reason(trainer: Any, fast_forward: FastForward) -> str | None:
     )
 
 
+def warn_not_taken(store: CheckpointStore, newest: CheckpointRecord | None, what: str, reason: str) -> None:
+    """A preempted run that gets no snapshot says so, and names what the next run resumes from."""
+    log.warning(
+        "stopped by %s %s: no snapshot; the newest committed checkpoint is %s",
+        what,
+        reason,
+        store.url_for(newest.name) if newest else "none (nothing to resume from)",
+    )
+
+
 def take(
     store: CheckpointStore,
     trainer: Any,

@@ -88,14 +88,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # The commands print their own result; the library's info lines would say it twice. Warnings stay.
-    logging.getLogger("lightning_genesis_ckpt").setLevel(logging.WARNING)
     if (
         getattr(args, "keep_last", 1) < 1
         or getattr(args, "keep_best", 0) < 0
         or getattr(args, "keep_every_steps", 0) < 0
     ):
         parser.error("--keep-last must be at least 1, --keep-best and --keep-every-steps at least 0")
+    # The commands print their own result; the library's info lines would say it twice. Warnings stay. The
+    # level is put back afterwards: ``main`` called in-process (a notebook, a test) must not mute the library.
+    logger = logging.getLogger("lightning_genesis_ckpt")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        return _run(args)
+    finally:
+        logger.setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.options = storage_options(args.storage_option)
         # Imported only now: the commands need torch and fsspec, whose imports take seconds; ``--help`` and

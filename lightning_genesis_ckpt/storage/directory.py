@@ -227,8 +227,9 @@ class PendingDirectory:
     """A directory checkpoint being written: fill :attr:`path`, then commit it in a transaction
     (``tx.commit_directory(pending, ...)``), or :meth:`abort`.
 
-    Made by :meth:`.CheckpointStore.begin_directory` (or a transaction's ``write_directory``). :attr:`path` is a local directory: on a local store a
-    temporary sibling of the final name, elsewhere a staging directory in the system's temp dir.
+    Made by :meth:`.CheckpointStore.begin_directory` (or a transaction's ``write_directory``). :attr:`path` is
+    a local directory: on a local store a temporary sibling of the final name, elsewhere a staging directory
+    in the system's temp dir.
     """
 
     def __init__(self, loc: Location, name: str) -> None:
@@ -236,6 +237,8 @@ class PendingDirectory:
             raise ValueError(f"{name!r} is reserved for the store's own files; choose another name")
         loc.path(name)  # refuses names that could leave the directory
         self.name = name
+        self._handed_over = False
+        self._local = loc.local
         loc.ensure_directory()
         if loc.local:
             self.path = loc.path(temp_name(name))
@@ -243,9 +246,16 @@ class PendingDirectory:
         else:
             self.path = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}staging-")
 
+    def hand_over(self) -> None:
+        """Called once the tree is in place: on a local disk :attr:`path` is then the published tree's old
+        name, which holds the tree it replaced (if any). That tree belongs to the transaction: removed only
+        after the commit is durable, swapped back if the transaction aborts."""
+        self._handed_over = self._local
+
     def abort(self) -> None:
-        """Remove what was written and not committed."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Remove what was written and not committed (a no-op once the tree was handed over)."""
+        if not self._handed_over:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def seal(loc: Location, path: str, record: CheckpointRecord) -> CheckpointRecord:

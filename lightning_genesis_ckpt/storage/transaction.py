@@ -204,6 +204,7 @@ class Transaction(CommitProtocol):
             publication.aside = directory.put_in_place(
                 self.loc, pending.path, pending.name, publication.replaced
             )
+            pending.hand_over()
         return self._add(record)
 
     def delete(self, names: Iterable[str]) -> list[str]:
