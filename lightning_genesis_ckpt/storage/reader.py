@@ -183,8 +183,10 @@ class StoreReader:
         ``expect``: check the file against this record instead of ``name``'s own (a backup of it).
 
         Raises:
-            FileNotFoundError, CheckpointCorruptError, UnsafeCheckpointError; ``OSError`` for a failure to
-            read that is not damage (EIO, the network).
+            FileNotFoundError: ``name`` does not exist.
+            CheckpointCorruptError: the file is damaged or disagrees with its record.
+            UnsafeCheckpointError: the file needs full pickle and the store is not ``trusted``.
+            OSError: a failure to read that is not damage (EIO, the network).
         """
         start = time.perf_counter()
         record = expect if expect is not None else self.manifest().get(name) if verify else None
