@@ -1,9 +1,9 @@
 """Long transfers show progress: a bar on an interactive terminal, one line elsewhere, nothing when quick.
 
-A real save in a subprocess, to a ``faulty://`` filesystem whose writes are throttled (``write_rate``), with
-the display threshold lowered through ``_GENESIS_PROGRESS_AFTER_S`` so the slow save needs about a second.
-The same script first makes a quick save, which must show nothing. Its stderr is a pseudo-terminal (the
-interactive case) or a pipe.
+A real save and load in a subprocess, on a ``faulty://`` filesystem (remote: the load is a download, read
+through the checksum) throttled to 8 MiB/s (``write_rate``, ``read_rate``), with the display threshold lowered
+through ``_GENESIS_PROGRESS_AFTER_S`` so that each 8 MiB transfer needs about a second. The same script first
+makes a quick save, which must show nothing. Its stderr is a pseudo-terminal (the interactive case) or a pipe.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ SCRIPT = textwrap.dedent(
     store.loc.fs.write_rate = 8 * 2**20  # 8 MiB/s: the 8 MiB save takes about a second
     with store.transaction() as tx:
         tx.write("big.pth", state)
+    sys.stderr.write("=== SLOW LOAD\\n")
+    sys.stderr.flush()
+    store.loc.fs.read_rate = 8 * 2**20
+    assert torch.equal(store.load("big.pth")["w3"], state["w3"])
     sys.stderr.write("=== DONE\\n")
     """
 )
@@ -90,6 +94,7 @@ def run_on_pty(tmp_path: Path) -> str:
 def test_slow_save_shows_a_bar_on_a_terminal(tmp_path: Path) -> None:
     out = run_on_pty(tmp_path)
     quick, slow = out.split("=== SLOW SAVE", 1)
+    slow, load = slow.split("=== SLOW LOAD", 1)
     assert "saved faulty://progress-run/quick.pth" in quick
     assert "%|" not in quick and "so far" not in quick, quick
     # tqdm's bar: the label, a percentage with its bar (the size is known: the tensors' bytes), rate, ETA.
@@ -97,6 +102,7 @@ def test_slow_save_shows_a_bar_on_a_terminal(tmp_path: Path) -> None:
     assert "%|" in slow and "B/s" in slow and "<" in slow, slow
     assert "so far" not in slow  # the one-line form is for non-terminals
     assert "saved faulty://progress-run/big.pth" in slow
+    assert "loading big.pth" in load and "%|" in load, load
 
 
 def test_slow_save_is_one_line_outside_a_terminal(tmp_path: Path) -> None:
@@ -107,6 +113,7 @@ def test_slow_save_is_one_line_outside_a_terminal(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     quick, slow = result.stderr.split("=== SLOW SAVE", 1)
+    slow, load = slow.split("=== SLOW LOAD", 1)
     assert "so far" not in quick and "%|" not in quick, quick
     progress_lines = [line for line in slow.splitlines() if "so far" in line]
     assert len(progress_lines) == 1, slow
@@ -115,3 +122,5 @@ def test_slow_save_is_one_line_outside_a_terminal(tmp_path: Path) -> None:
         line
     )
     assert "\r" not in slow and "%|" not in slow, slow
+    (load_line,) = [line for line in load.splitlines() if "so far" in line]
+    assert load_line.startswith("loading faulty://progress-run/big.pth: "), load
