@@ -41,7 +41,7 @@ docs: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
-# Power-loss crash states, the full run of docs/crash-states.md (about 6 minutes here).
+# Power-loss crash states, the full run of docs/crash-states.md (about half an hour on 2 cores).
 crashstates: $(STAMP)
 	$(PY) benchmarks/crashstates.py
 
