@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..core.errors import FrozenBaseMismatchError
-from .checksums import format_checksum
+from .checksums import crc32, format_checksum
 from .reader import StoreReader
 
 #: Key of the fingerprint in a checkpoint whose frozen tensors were left out.
@@ -144,7 +144,7 @@ def tensor_crc(t: torch.Tensor) -> int:
         flat = flat.cpu()
     if flat.numel() == 0:
         return 0
-    return zlib.crc32(flat.view(torch.uint8).numpy().data) & 0xFFFFFFFF
+    return crc32(flat.view(torch.uint8).numpy().data) & 0xFFFFFFFF
 
 
 def exclude(
