@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test lint bench crashstates clean
+.PHONY: demo test lint bench bench-frozen crashstates clean
 
 $(RUNTIME_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# Frozen exclusion against full saves on a LoRA-like model (docs/performance.md; about 6 minutes here).
+bench-frozen: $(STAMP)
+	$(PY) benchmarks/frozen.py
 
 # Power-loss crash states, the full run of docs/crash-states.md (about 6 minutes here).
 crashstates: $(STAMP)
