@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from models import make_data
+from models import RaiseAt, make_data
 from safetensors.torch import load_file
 from test_callback import assert_bit_identical, weights
 from torch import nn
@@ -53,7 +53,7 @@ class LoraModel(pl.LightningModule):
 
 
 def fit(
-    dirpath: str, epochs: int, *, base_seed: int = 0, **cb_kwargs: Any
+    dirpath: str, epochs: int, *, base_seed: int = 0, extra: tuple[pl.Callback, ...] = (), **cb_kwargs: Any
 ) -> tuple[LoraModel, pl.Trainer, GenesisCheckpoint]:
     pl.seed_everything(0)
     model = LoraModel(base_seed)
@@ -64,7 +64,7 @@ def fit(
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
-        callbacks=[cb],
+        callbacks=[cb, *extra],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -94,6 +94,18 @@ def test_checkpoints_leave_the_base_out_and_a_resume_is_bit_identical(
     assert raw[FROZEN_KEY]["base"] == bases[0].name
     full = torch.load(Path(d) / bases[0].name, weights_only=True)["state_dict"]
     assert torch.equal(full["base.weight"], resumed.base.weight)
+
+
+def test_an_interrupt_snapshot_leaves_the_base_out_and_resumes_bit_identically(tmp_path: Path) -> None:
+    straight, _, _ = fit(str(tmp_path / "straight"), 2)
+    d = str(tmp_path / "ck")
+    with pytest.raises(RuntimeError, match="injected"):
+        fit(d, 2, extra=(RaiseAt(epoch=1, batch=5),))
+    snapshot = torch.load(Path(d) / "interrupt_checkpoint.pth", weights_only=True)
+    assert BASE_KEYS.isdisjoint(snapshot["state_dict"]) and FROZEN_KEY in snapshot
+    resumed, _, cb = fit(d, 2)
+    assert cb.resumed_from is not None and cb.resumed_from.name == "interrupt_checkpoint.pth"
+    assert_bit_identical(weights(straight), weights(resumed))
 
 
 def test_a_changed_base_is_refused_on_resume(tmp_path: Path) -> None:
