@@ -1,4 +1,4 @@
-"""Reliability stress runs: the numbers of the README's reliability table, measured, never typed in.
+"""Reliability stress runs: the numbers of docs/reliability.md's stress table, measured, never typed in.
 
     .venv/bin/python benchmarks/stress.py                    # 200 trials of each scenario (about 10 min)
     .venv/bin/python benchmarks/stress.py --trials 20        # a quick look

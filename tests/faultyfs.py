@@ -8,7 +8,9 @@ transactions) with its own contents, plus, set through ``storage_options`` or la
 * ``fail_match`` / ``fail_errno`` / ``fail_after``: writes to paths containing ``fail_match`` fail with that
   errno once ``fail_after`` bytes of the file are written;
 * ``fail_read_match``: reads of paths containing it fail with ``fail_errno`` once ``fail_after`` bytes of the
-  file were read (a disk whose sectors went bad, an NFS server gone away).
+  file were read (a disk whose sectors went bad, an NFS server gone away);
+* ``write_rate`` / ``read_rate``: bytes per second writes / reads are throttled to (a slow disk or link, for
+  the progress display).
 
 Nothing of the library is mocked: the failures come from the filesystem the store writes to.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from typing import Any, ClassVar
 
 import fsspec
@@ -37,6 +40,8 @@ class FaultyFile(MemoryFile):
             raise OSError(fs.fail_errno, os.strerror(fs.fail_errno), self.path)
         if fs.capacity is not None and fs.used() + self.tell() + n > fs.capacity:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+        if fs.write_rate:
+            time.sleep(n / fs.write_rate)
         return super().write(data)
 
 
@@ -54,7 +59,10 @@ class FaultyReadFile(MemoryFile):
             and self.tell() + n > fs.fail_after
         ):
             raise OSError(fs.fail_errno, os.strerror(fs.fail_errno), self.path)
-        return super().read(size)
+        data = super().read(size)
+        if fs.read_rate:
+            time.sleep(len(data) / fs.read_rate)
+        return data
 
     def readinto(self, b: Any) -> int:
         data = self.read(len(memoryview(b)))
@@ -75,6 +83,8 @@ class FaultyFileSystem(MemoryFileSystem):
         fail_errno: int = errno.EIO,
         fail_after: int = 0,
         fail_read_match: str | None = None,
+        write_rate: float | None = None,
+        read_rate: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -83,6 +93,8 @@ class FaultyFileSystem(MemoryFileSystem):
         self.fail_errno = fail_errno
         self.fail_after = fail_after
         self.fail_read_match = fail_read_match
+        self.write_rate = write_rate
+        self.read_rate = read_rate
 
     def used(self) -> int:
         return sum(f.size for f in self.store.values())
@@ -97,7 +109,7 @@ class FaultyFileSystem(MemoryFileSystem):
                 f.commit()
             return f
         f = super()._open(path, mode, **kwargs)
-        if self.fail_read_match is not None and isinstance(f, MemoryFile):
+        if (self.fail_read_match is not None or self.read_rate) and isinstance(f, MemoryFile):
             return FaultyReadFile(self, f.path, f.getvalue())
         return f
 

@@ -156,6 +156,29 @@ def test_the_replaced_tree_is_removed_only_once_the_exchange_is_durable(
     assert violations == []
 
 
+def test_a_deleted_directory_is_renamed_aside_durably_before_it_is_emptied(
+    studies: dict[str, explore.Study],
+) -> None:
+    # Found by the explorer (weak model): retention renamed checkpoint_epoch_0.pth to a temp name and removed
+    # its files at once; a power cut could keep the unlinks and lose the rename, leaving a half-emptied tree
+    # under the standard name, no longer listed and without the record that proves it ours.
+    study = studies["directory"]
+    weak = Weak(study.ops)
+    checked = 0
+    for rename in (op for op in study.ops if op.kind == "rename" and "/.genesis-tmp-" in op.note):
+        source, aside = rename.note.split(" -> ")
+        removals = [
+            o for o in study.ops[rename.idx + 1 :] if o.kind == "unlink" and o.note.startswith(f"{aside}/")
+        ]
+        if not source.startswith("ckpt/checkpoint_") or not removals:
+            continue
+        assert weak.durable(removals[0].idx, rename.idx), f"{source} emptied before its rename was durable"
+        # The state that keeps every unlink, the record's last, and loses the rename: judged bad (teeth).
+        assert "half-deleted-survived" in _kinds(study, removals[-1].idx + 1, frozenset({rename.idx}))
+        checked += 1
+    assert checked, "the directory workload deletes no directory checkpoint"
+
+
 def test_register_makes_the_file_durable_before_committing_it(studies: dict[str, explore.Study]) -> None:
     # Found by the explorer (both models): import_checkpoint of a file the user had just written registered it
     # as it was in the page cache; a power cut could then leave a committed record over a torn or missing file.

@@ -62,7 +62,9 @@ def export(
             checkpoint's ``hyper_parameters`` for a LightningModule checkpoint) or an instance.
         example_input: a tensor, or a tuple of positional arguments, to trace ``model`` with.
         model_kwargs: constructor arguments when ``model`` is a class.
-        strip_prefixes, strict: how the weights are matched to ``model`` (see ``load_state_dict_into``).
+        strip_prefixes: key prefixes removed before the weights are matched to ``model`` (see
+            ``load_state_dict_into``).
+        strict: whether every key must match (see ``load_state_dict_into``).
         trusted: allow a checkpoint that needs full pickle to load.
         storage_options: passed to fsspec for both paths.
         frozen_from: for a checkpoint saved with ``exclude_frozen=True``, the model to take its frozen

@@ -57,7 +57,9 @@ def import_checkpoint(
         save_dir: the checkpoint directory to register it in.
         name: its file name there (default: the source's).
         role: override the role described above.
-        epoch, global_step, metrics: override what is read from the file.
+        epoch: override the epoch read from the file.
+        global_step: override the global step read from the file.
+        metrics: override the metrics read from the file.
         overwrite: replace a file or record of the same name (default: refuse).
         trusted: allow reading a file that needs full pickle (may run code from it).
         storage_options: passed to fsspec for both locations.

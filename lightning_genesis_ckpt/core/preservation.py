@@ -70,6 +70,7 @@ class LatestN:
         _positive(self.n, "LatestN(n)")
 
     def keep(self, candidates: Sequence[CheckpointRecord], context: RetentionContext) -> set[str]:
+        """The names of the ``n`` newest ``candidates`` (by training progress)."""
         return {r.name for r in sorted(candidates, key=progress, reverse=True)[: self.n]}
 
 
@@ -98,6 +99,7 @@ class BestN:
             raise ValueError(f"BestN(mode={self.mode!r}) is invalid: use 'min' or 'max'")
 
     def keep(self, candidates: Sequence[CheckpointRecord], context: RetentionContext) -> set[str]:
+        """The names of the ``n`` best ``candidates`` by ``monitor``; records without the metric are not kept."""
         return {r.name for r in rank_by_metric(candidates, self.monitor, self.mode)[: self.n]}
 
 
@@ -111,6 +113,7 @@ class EveryNSteps:
         _positive(self.n, "EveryNSteps(n)")
 
     def keep(self, candidates: Sequence[CheckpointRecord], context: RetentionContext) -> set[str]:
+        """The names of the ``candidates`` saved at a multiple of ``n`` steps."""
         return {r.name for r in candidates if r.global_step is not None and r.global_step % self.n == 0}
 
 
@@ -125,6 +128,7 @@ class EveryNSeconds:
         _positive(_seconds(self.interval), "EveryNSeconds(interval)")
 
     def keep(self, candidates: Sequence[CheckpointRecord], context: RetentionContext) -> set[str]:
+        """The names of the first candidate in each ``interval`` of wall time."""
         interval = _seconds(self.interval)
         kept: set[str] = set()
         last: float | None = None
@@ -145,6 +149,7 @@ class KeepFor:
         _positive(_seconds(self.duration), "KeepFor(duration)")
 
     def keep(self, candidates: Sequence[CheckpointRecord], context: RetentionContext) -> set[str]:
+        """The names of the ``candidates`` saved within ``duration`` of ``context.now``."""
         oldest = context.now - _seconds(self.duration)
         return {r.name for r in candidates if r.created >= oldest}
 
@@ -158,6 +163,7 @@ class AnyOf:
         self.policies = policies
 
     def keep(self, candidates: Sequence[CheckpointRecord], context: RetentionContext) -> set[str]:
+        """The union of what each of ``policies`` keeps."""
         kept: set[str] = set()
         for policy in self.policies:
             kept |= policy.keep(candidates, context)

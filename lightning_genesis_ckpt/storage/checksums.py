@@ -25,6 +25,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
+from . import progress
+
 log = logging.getLogger(__name__)
 
 
@@ -121,6 +123,7 @@ class ChecksumWriter:
         #: The first error the underlying file raised. torch.save turns it into an unrelated RuntimeError
         #: ("unexpected pos ..."), so :func:`.serialization.dump` re-raises this one instead.
         self.error: OSError | None = None
+        self._meter = progress.current()  # looked up once: a write pays one None check when there is none
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -146,6 +149,8 @@ class ChecksumWriter:
             self.error = self.error or e
             raise
         self.size += n
+        if self._meter is not None:
+            self._meter.add(n)
         return n
 
     def _write_reusing(self, view: memoryview) -> None:

@@ -18,6 +18,7 @@ resume never skips a healthy checkpoint because of it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import os
 import pickletools
@@ -189,7 +190,10 @@ def _load_local(
             return load(same_inode, display, mmap=mmap, **kwargs)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="genesis-verify") as pool:
             # torch reads through its own open file description (the /proc path): this offset is ours.
-            checked = pool.submit(serialization.checksum_stream, f, None, READ_CHUNK)
+            # In this thread's context: the bytes count into the load's progress (a context variable).
+            checked = pool.submit(
+                contextvars.copy_context().run, serialization.checksum_stream, f, None, READ_CHUNK
+            )
             try:
                 obj = load(same_inode, display, mmap=mmap, **kwargs)
             except BaseException:

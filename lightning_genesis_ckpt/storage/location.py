@@ -23,7 +23,7 @@ from ..core.errors import is_storage_client_error
 from ..core.names import DIRECTORY_RECORD, MANIFEST_NAME, is_temp_name
 from ..core.records import Stamp
 from . import backends, serialization
-from .atomicity import CommitStrategy, is_posix_local, makedirs, strategy_for, temp_name
+from .atomicity import CommitStrategy, fsync_directory, is_posix_local, makedirs, strategy_for, temp_name
 from .backends import ObjectIO, object_io_for
 
 log = logging.getLogger(__name__)
@@ -253,6 +253,10 @@ class Location:
                 if not is_temp_name(name):
                     aside = self.path(temp_name(name))
                     os.rename(path, aside)
+                    # The rename must be durable before anything inside goes: a power cut could otherwise
+                    # keep the unlinks and lose the rename, leaving a half-emptied tree under its own name
+                    # that no longer carries the record proving it ours.
+                    fsync_directory(os.path.dirname(aside))
                     path = aside
                 shutil.rmtree(path)
             else:

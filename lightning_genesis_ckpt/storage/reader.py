@@ -20,7 +20,7 @@ from fsspec import AbstractFileSystem
 from ..core.display import transfer_summary
 from ..core.manifest import Manifest
 from ..core.records import CheckpointRecord, Stamp
-from . import directory, loading, manifests, writers
+from . import directory, loading, manifests, progress, writers
 from .location import Conduct, Location
 from .serialization import MapLocation, Serializer
 
@@ -183,8 +183,10 @@ class StoreReader:
         ``expect``: check the file against this record instead of ``name``'s own (a backup of it).
 
         Raises:
-            FileNotFoundError, CheckpointCorruptError, UnsafeCheckpointError; ``OSError`` for a failure to
-            read that is not damage (EIO, the network).
+            FileNotFoundError: ``name`` does not exist.
+            CheckpointCorruptError: the file is damaged or disagrees with its record.
+            UnsafeCheckpointError: the file needs full pickle and the store is not ``trusted``.
+            OSError: a failure to read that is not damage (EIO, the network).
         """
         start = time.perf_counter()
         record = expect if expect is not None else self.manifest().get(name) if verify else None
@@ -193,21 +195,22 @@ class StoreReader:
                 f"{self.url_for(name)} is a directory checkpoint (written by a sharded strategy): get a verified "
                 "local path with local_copy() and load it with the strategy that wrote it"
             )
-        obj = loading.load_file(
-            self.loc,
-            name,
-            record,
-            map_location=map_location,
-            trusted=trusted,
-            serializer=serializer,
-            mmap=mmap,
-            replacements=expect is None,
-        )
+        size = record.size if record is not None else None
+        with progress.transfer("loading", self.url_for(name), total=size, enabled=self.verbose):
+            obj = loading.load_file(
+                self.loc,
+                name,
+                record,
+                map_location=map_location,
+                trusted=trusted,
+                serializer=serializer,
+                mmap=mmap,
+                replacements=expect is None,
+            )
         elapsed = time.perf_counter() - start
         # Quick loads stay quiet (resume already says what it loaded); a slow one says what is taking time.
         level = logging.INFO if self.verbose and elapsed >= SLOW_LOAD_S else logging.DEBUG
         if log.isEnabledFor(level):
-            size = record.size if record is not None else None
             log.log(level, "loaded %s (%s)", self.url_for(name), transfer_summary(size, elapsed))
         return obj
 

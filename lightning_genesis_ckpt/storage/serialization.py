@@ -16,7 +16,7 @@ from typing import IO, Any, Literal
 import torch
 
 from ..core.errors import CheckpointCorruptError, UnsafeCheckpointError
-from . import safe_types
+from . import progress, safe_types
 from .checksums import ChecksumWriter, crc32, format_checksum
 
 __all__ = ["ChecksumWriter", "dump", "format_checksum", "load", "read_verified"]
@@ -107,6 +107,7 @@ def checksum_stream(
     """Read a file object to its end, copying each chunk into ``sink`` if given; returns ``(size, checksum)``."""
     crc = 0
     size = 0
+    meter = progress.current()
     while True:
         chunk = fileobj.read(chunk_size)
         if not chunk:
@@ -115,6 +116,8 @@ def checksum_stream(
         size += len(chunk)
         if sink is not None:
             sink.write(chunk)
+        if meter is not None:
+            meter.add(len(chunk))
     return size, format_checksum(crc)
 
 

@@ -40,7 +40,7 @@ from typing import IO, Any
 from ..core.display import transfer_summary
 from ..core.names import is_reserved, role_of_name
 from ..core.records import METADATA_KEY, CheckpointRecord, clean_metrics, embedded
-from . import directory, serialization
+from . import directory, progress, serialization
 from .checksums import read_back_file
 from .directory import PendingDirectory
 from .protocol import CommitProtocol
@@ -90,6 +90,12 @@ class Transaction(CommitProtocol):
             obj = {**obj, METADATA_KEY: embedded(record, uuid.uuid4().hex)}
         path = self.loc.path(name)
         with (
+            progress.transfer(
+                "saving",
+                self.loc.url_for(name),
+                total=lambda: progress.tensor_bytes(obj),
+                enabled=self.loc.verbose,
+            ),
             self.publishing(name, backup=backup, overwrite_unlisted=overwrite_unlisted) as publication,
             self.loc.commit_strategy.open_write(path, sync=False) as f,
         ):
@@ -123,6 +129,7 @@ class Transaction(CommitProtocol):
             record = record.with_changes(versions=dict(versions))
         path = self.loc.path(name)
         with (
+            progress.transfer("writing", self.loc.url_for(name), enabled=self.loc.verbose),
             self.publishing(name, backup=backup, overwrite_unlisted=overwrite_unlisted) as publication,
             self.loc.commit_strategy.open_write(path, sync=False) as f,
         ):
