@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test docs bench crashstates clean
+.PHONY: demo test docs bench bench-frozen crashstates clean
 
 $(RUNTIME_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# Frozen exclusion against full saves on a LoRA-like model (docs/performance.md; about 6 minutes here).
+bench-frozen: $(STAMP)
+	$(PY) benchmarks/frozen.py
 
 # Power-loss crash states, the full run of docs/crash-states.md (about half an hour on 2 cores).
 crashstates: $(STAMP)

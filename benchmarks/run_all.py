@@ -57,14 +57,20 @@ def bench_save(root: Path, nbytes: int, modes: list[str], repeats: int) -> dict[
     return results
 
 
+LOAD_MODES = ("load-plain", "load-genesis", "load-mmap", "load-genesis-mmap")
+
+
 def bench_load(root: Path, nbytes: int, repeats: int) -> dict[str, list[dict[str, Any]]]:
+    """Each load mode cold (page cache dropped) and warm (``-warm``), interleaved run by run."""
     d = scratch(root, "load")
     results: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for i in range(repeats):
-        for mode in ("load-plain", "load-mmap"):
-            r = run_worker("_worker.py", mode, str(d), "--bytes", str(nbytes))
-            results[mode].append(r)
-            print(f"  load run {i + 1}/{repeats} {mode}: {r['seconds']:.2f}s", flush=True)
+        for mode in LOAD_MODES:
+            for warm in ((), ("--warm",)):
+                r = run_worker("_worker.py", mode, str(d), "--bytes", str(nbytes), *warm)
+                key = mode + ("-warm" if warm else "")
+                results[key].append(r)
+                print(f"  load run {i + 1}/{repeats} {key}: {r['seconds']:.3f}s", flush=True)
     shutil.rmtree(d, ignore_errors=True)
     return results
 
@@ -143,14 +149,25 @@ def write_report(data: dict[str, Any], out: Path) -> None:
         ]
     load = data["load"]
     lines += [
-        f"### Load for inference, {size / GiB:g} GiB, page cache dropped before each run",
+        f"### Load, {size / GiB:g} GiB: cold (page cache dropped) and warm, median of {data['repeats']}",
         "",
-        "| method | seconds | extra peak RSS |",
-        "|---|---|---|",
+        "| method | cold | warm | extra peak RSS | vs the same torch.load (cold / warm) |",
+        "|---|---|---|---|---|",
     ]
-    for mode in ("load-plain", "load-mmap"):
+    labels = {
+        "load-plain": "`torch.load` (no verification)",
+        "load-genesis": "genesis `store.load` (crc32-verified)",
+        "load-mmap": "`torch.load(mmap=True)` (no verification)",
+        "load-genesis-mmap": "genesis `store.load(mmap=True)` (crc32-verified)",
+    }
+    for mode, label in labels.items():
+        if mode not in load:
+            continue
+        plain = "load-mmap" if mode.endswith("mmap") else "load-plain"
+        cold, warm = med(load[mode], "seconds"), med(load[mode + "-warm"], "seconds")
         lines.append(
-            f"| `torch.load{'(mmap=True)' if mode == 'load-mmap' else ''}` | {med(load[mode], 'seconds'):.2f} | {med(load[mode], 'extra_rss') / MiB:.0f} MiB |"
+            f"| {label} | {cold:.3f} s | {warm:.3f} s | {med(load[mode], 'extra_rss') / MiB:.0f} MiB | "
+            f"{cold / med(load[plain], 'seconds'):.2f}x / {warm / med(load[plain + '-warm'], 'seconds'):.2f}x |"
         )
     e2e = data["e2e"]
     base = med(e2e["none"], "seconds")

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .core.errors import (
         CheckpointCorruptError,
         CheckpointSaveError,
+        FrozenBaseMismatchError,
         GenesisCheckpointError,
         ManifestError,
         MonitorNotFoundError,
@@ -56,6 +57,7 @@ _EXPORTS = {
         [
             "CheckpointCorruptError",
             "CheckpointSaveError",
+            "FrozenBaseMismatchError",
             "GenesisCheckpointError",
             "ManifestError",
             "MonitorNotFoundError",
@@ -96,6 +98,7 @@ __all__ = [
     "EveryNSeconds",
     "EveryNSteps",
     "FabricCheckpointer",
+    "FrozenBaseMismatchError",
     "GenesisCheckpoint",
     "GenesisCheckpointError",
     "KeepFor",

@@ -94,3 +94,11 @@ def test_without_read_back_every_byte_is_checksummed(tmp_path: Path) -> None:
         writer.close()
     assert not writer.reused_zip_crcs
     assert writer.checksum == checksums.format_checksum(zlib.crc32(path.read_bytes()))
+
+
+def test_the_fast_crc32_is_zlibs_crc32() -> None:
+    """Whichever implementation is installed, the checksums are the ones zlib (and every manifest) computes."""
+    data = os.urandom(3 * 2**20 + 17)
+    assert checksums.crc32(data) == zlib.crc32(data)
+    assert checksums.crc32(data[5:], 0x1234ABCD) == zlib.crc32(data[5:], 0x1234ABCD)
+    assert checksums.crc32(memoryview(data)[:0], 99) == 99

@@ -157,7 +157,7 @@ def test_nothing_outside_the_storage_layer_reaches_into_a_store() -> None:
 
 PUBLIC = {
     "AnyOf", "BestN", "CheckpointCorruptError", "CheckpointManager", "CheckpointRecord", "CheckpointSaveError",
-    "CheckpointStore", "EveryNSeconds", "EveryNSteps", "FabricCheckpointer", "GenesisCheckpoint", "GenesisCheckpointError", "KeepFor",
+    "CheckpointStore", "EveryNSeconds", "EveryNSteps", "FabricCheckpointer", "FrozenBaseMismatchError", "GenesisCheckpoint", "GenesisCheckpointError", "KeepFor",
     "LatestN", "LoadReport", "ManifestError", "MonitorNotFoundError", "StoreLockedError",
     "UnsafeCheckpointError", "Version", "__version__", "export", "import_checkpoint", "list_versions", "load",
     "load_checkpoint", "load_state_dict_into", "load_version", "save", "save_checkpoint", "save_version",

@@ -12,7 +12,7 @@ from ..core.records import CheckpointRecord
 from ..core.save_decision import Event
 from ..storage import safe_types
 from ..storage.store import CheckpointStore
-from . import _lightning, _lightning_loops, commits, fit_state, rng, snapshot
+from . import _lightning, _lightning_loops, commits, fit_state, frozen_saves, rng, snapshot
 from ._lightning import (
     CHECKPOINT_BASES,
     SIGTERM_EXCEPTIONS,
@@ -90,6 +90,10 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
             point (after an optimizer step, never inside validation), commits the snapshot and exits.
         preemption_exit_code: the exit code of a preempted process; None: ``128 + signal`` (143 for
             SIGTERM), which schedulers read as "stopped by the signal, not finished".
+        exclude_frozen: leave ``requires_grad=False`` parameters out of every checkpoint (LoRA); each keeps
+            their fingerprint, the store one full copy, and a resume takes them from the model as constructed,
+            refusing a changed base with :class:`FrozenBaseMismatchError` (see ``docs/performance.md``).
+        frozen_buffers: state-dict keys of buffers to leave out as well (needs ``exclude_frozen``).
     """
 
     def __init__(
@@ -113,6 +117,8 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         every_n_train_steps: int | None = None,
         train_time_interval: datetime.timedelta | None = None,
         save_on_validation: bool = False,
+        exclude_frozen: bool = False,
+        frozen_buffers: Sequence[str] = (),
     ) -> None:
         super().__init__()
         fit_state.validate_settings(mode, keep_last, save_top_k, every_n_epochs, monitor)
@@ -135,6 +141,7 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         self.preserve: PreservationPolicy = preserve or AnyOf(LatestN(keep_last), *kept_best)
         self.paths = CheckpointPaths(self.store, monitor, mode, save_top_k, trusted)
         self.preemption = Preemption(preemption_signals, preemption_exit_code)
+        self.frozen = frozen_saves.FrozenExclusion(exclude_frozen, frozen_buffers)
         #: The most recent record this callback committed.
         self.last_saved: CheckpointRecord | None = None
         self._uninstall_resume_hook: Any = None
@@ -142,10 +149,8 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         self._snapshots = SnapshotBuffers()
         self._fast_forward = FastForward()
         self._restored: dict[str, Any] = {}
-        self._training_started = False
-        self._training_finished = False
-        self._monitor_checked = False
-        self._types_checked = False
+        self._training_started = self._training_finished = False
+        self._monitor_checked = self._types_checked = False
         self._unreported: CheckpointRecord | None = None
         self._trainer_ref: weakref.ref[Any] | None = None
         _lightning.install_ckpt_path_selection()
@@ -159,6 +164,7 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
     # ------------------------------------------------------------------------------------ lifecycle
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         check_compatibility(trainer)
+        self.frozen.check(trainer)
         self.store.verbose = self.verbose and trainer.is_global_zero
         # Every load of this trainer (auto-resume, ckpt_path="best"/"last", one of our files by name)
         # goes through the store: verified, and with the storage_options a URL needs.
@@ -200,7 +206,6 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         self._saver.wait()
         self._report_commit(trainer)
 
-    # ------------------------------------------------------------------------------ callback state
     def state_dict(self) -> dict[str, Any]:
         # Captured when the checkpoint dict is built, i.e. at the save point; restored during Lightning's
         # restore, before the resumed run's first dataloader iterator draws its shuffle seed.
@@ -215,7 +220,6 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         # Applied at on_train_start, once Lightning has restored the optimizers and reset its metrics.
         self._restored = dict(state_dict)
 
-    # ---------------------------------------------------------------------------------- triggers
     def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
         self._fast_forward.candidate()
         self.preemption.take_over(trainer, defer=False)  # nothing trained yet: stop at once
@@ -326,6 +330,7 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         if not trainer.is_global_zero:
             return
         self._check_types(checkpoint, decision.name)
+        checkpoint = self.frozen.apply(self.store, trainer, checkpoint)
         if self.async_save:
             snapshot = self._snapshots.snapshot(checkpoint)
             del checkpoint
@@ -337,8 +342,8 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
     def _commit(self, checkpoint: dict[str, Any], decision: SaveDecision, fields: dict[str, Any]) -> None:
         """The checkpoint, best_model.pth and retention, as one transaction (see :mod:`.commits`)."""
         record = commits.commit(self.store, checkpoint, decision, fields, self.preserve, self.resumed_from)
-        self.last_saved = record
-        self._unreported = record  # loggers hear of it on the training thread (async saves run elsewhere)
+        # Loggers hear of it on the training thread (async saves run elsewhere).
+        self.last_saved = self._unreported = record
 
     def _report_commit(self, trainer: Any) -> None:
         """``logger.after_save_checkpoint`` for a new commit, as ModelCheckpoint calls it (rank 0 only)."""
@@ -348,7 +353,6 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
         for logger in trainer.loggers:
             logger.after_save_checkpoint(weakref.proxy(self))
 
-    # ------------------------------------------------------------------------------ interruptions
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # A save in flight finishes (and commits) first; its failure must not hide the original exception.
         self._saver.wait_logging_errors()
@@ -383,6 +387,7 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
             what=what,
             check_types=self._check_types,
             elapsed=lambda: self.preemption.seconds_since_signal() if preempted else None,
+            prepare=lambda checkpoint: self.frozen.apply(self.store, trainer, checkpoint),
         )
         self.last_saved = record or self.last_saved
 

@@ -21,6 +21,7 @@ from ..storage.resume import Resolution, resolve
 from ..storage.store import CheckpointStore
 from . import distributed
 from ._lightning import LocalPathOpener, Resolved
+from .frozen_saves import completed
 from .surface import CheckpointView, view
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,11 @@ class CheckpointPaths:
         return None if name is None else self.store.manifest().get(name)
 
     def resolve_for_load(self, trainer: Any, path: str | None, *, auto_resume: bool) -> Resolved:
-        """The resume hook's answer (see :func:`lightning_genesis_ckpt._lightning.install_resume_hook`)."""
+        """The resume hook's answer (see :func:`lightning_genesis_ckpt._lightning.install_resume_hook`): a
+        checkpoint saved without its frozen parameters comes completed from the model (:mod:`.frozen_saves`)."""
+        return completed(trainer, self._resolve_for_load(trainer, path, auto_resume=auto_resume))
+
+    def _resolve_for_load(self, trainer: Any, path: str | None, *, auto_resume: bool) -> Resolved:
         fn = str(getattr(trainer.state.fn, "value", trainer.state.fn))
         if path is None:
             if fn != "fit" or not auto_resume:

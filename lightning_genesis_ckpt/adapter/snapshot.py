@@ -61,11 +61,13 @@ def take(
     what: str,
     check_types: Callable[[dict[str, Any], str], None],
     elapsed: Callable[[], float | None],
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> CheckpointRecord | None:
     """Commit the snapshot of ``trainer`` (called on every rank; rank 0 writes). Never raises for a failed
     save: the exception that interrupted ``fit`` is what the user must see; the failure is logged.
 
-    ``what`` names the interruption in the log line; ``elapsed()`` the seconds since a preemption signal.
+    ``what`` names the interruption in the log line; ``elapsed()`` the seconds since a preemption signal;
+    ``prepare`` turns the checkpoint dict into what is written (frozen exclusion), on rank 0.
     """
     sharded = writes_directory(trainer.strategy)
     if sharded and trainer.world_size > 1:
@@ -93,6 +95,8 @@ def take(
     try:
         checkpoint = dump_checkpoint(trainer)
         check_types(checkpoint, INTERRUPT_NAME)
+        if prepare is not None and not sharded:
+            checkpoint = prepare(checkpoint)
         if sharded:
             record = save_sharded(store, trainer, checkpoint, INTERRUPT_NAME, **fields)
         else:

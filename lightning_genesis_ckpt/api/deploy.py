@@ -40,6 +40,7 @@ def export(
     strict: bool = True,
     trusted: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    frozen_from: nn.Module | None = None,
 ) -> str:
     """Export a checkpoint's model for deployment; the output file is written atomically.
 
@@ -66,6 +67,8 @@ def export(
         strict: whether every key must match (see ``load_state_dict_into``).
         trusted: allow a checkpoint that needs full pickle to load.
         storage_options: passed to fsspec for both paths.
+        frozen_from: for a checkpoint saved with ``exclude_frozen=True``, the model to take its frozen
+            parameters from (checked against the checkpoint's fingerprint); None: the store's copy of them.
 
     Returns:
         The output path or URL.
@@ -78,7 +81,13 @@ def export(
         raise ValueError(f"export format {format!r} is not supported: use one of {', '.join(FORMATS)}")
     if format != "safetensors" and (model is None or example_input is None):
         raise ValueError(f"format={format!r} needs model= (a class or an instance) and example_input=")
-    checkpoint = load(checkpoint_path, map_location="cpu", trusted=trusted, storage_options=storage_options)
+    checkpoint = load(
+        checkpoint_path,
+        map_location="cpu",
+        trusted=trusted,
+        storage_options=storage_options,
+        frozen_from=frozen_from,
+    )
     weights = extract_model_state_dict(checkpoint)
     store, name = file_store(out_path, storage_options)
     if format == "safetensors":

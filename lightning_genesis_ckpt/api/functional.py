@@ -18,9 +18,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from ..core.errors import CheckpointCorruptError
 from ..core.names import BACKUP_SUFFIX
 from ..core.records import CheckpointRecord
+from ..storage import frozen
 from ..storage.location import Conduct
 from ..storage.serialization import MapLocation, Serializer
 from ..storage.store import CheckpointStore
@@ -110,12 +113,17 @@ def load(
     trusted: bool = False,
     mmap: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    frozen_from: torch.nn.Module | None = None,
 ) -> Any:
     """Load what :func:`save` (or ``torch.save``) wrote to ``file_path``, in one verified pass.
 
     The checksum is verified while the file is read when the directory's manifest lists it. Loading is
     weights-only (tensors, containers, numbers, strings) unless ``trusted=True``. It never writes: after a save
     that was killed midway, the committed version is loaded from its backup, which the next save settles.
+
+    A checkpoint saved with ``GenesisCheckpoint(exclude_frozen=True)`` is returned complete: its frozen
+    parameters come from ``frozen_from`` or else from the store's one copy of them, after their fingerprint is
+    checked.
 
     Args:
         file_path: local path or fsspec URL.
@@ -126,9 +134,13 @@ def load(
         mmap: memory-map the tensors of a local file instead of reading them (``torch.load(mmap=True)``);
             ignored for remote files and files in torch's legacy format.
         storage_options: passed to fsspec.
+        frozen_from: the model (as constructed from its base weights) to take left-out frozen parameters
+            from; None: the store's copy (``frozen_base_*.pth``).
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file (or, for a checkpoint without its frozen parameters and no
+            ``frozen_from``, no copy of them in the store).
+        FrozenBaseMismatchError: the frozen parameters found differ from those the checkpoint was saved with.
         CheckpointCorruptError: truncated, damaged or not a checkpoint (a ``pickle.UnpicklingError``).
         UnsafeCheckpointError: the file needs code execution to load and ``trusted`` is False (also a
             ``pickle.UnpicklingError``); its message says how to proceed.
@@ -144,7 +156,7 @@ def load(
         "mmap": mmap,
     }
     try:
-        return store.load(name, **kwargs)
+        obj = store.load(name, **kwargs)
     except (CheckpointCorruptError, FileNotFoundError):
         backup = name + BACKUP_SUFFIX
         if record is None or not store.exists(backup):
@@ -159,7 +171,7 @@ def load(
             store.url_for(name),
             store.url_for(backup),
         )
-        return obj
+    return frozen.complete_from(store, obj, store.url_for(name), frozen_from)
 
 
 def save_checkpoint(

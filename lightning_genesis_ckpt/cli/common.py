@@ -17,7 +17,12 @@ if TYPE_CHECKING:
 
 PROG = "genesis-ckpt"
 
-ROLE_WORDS = {"epoch": "rolling checkpoint", "best": "best model", "interrupt": "interrupt snapshot"}
+ROLE_WORDS = {
+    "epoch": "rolling checkpoint",
+    "best": "best model",
+    "interrupt": "interrupt snapshot",
+    "base": "frozen parameters (exclude_frozen)",
+}
 
 
 class UserError(Exception):

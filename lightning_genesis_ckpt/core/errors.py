@@ -75,6 +75,20 @@ class MonitorNotFoundError(GenesisCheckpointError, ValueError):
     """The ``monitor`` metric was never logged by the time it was needed."""
 
 
+class FrozenBaseMismatchError(GenesisCheckpointError, ValueError):
+    """A checkpoint saved without its frozen parameters met frozen parameters other than the ones it was
+    trained on (a different base model, changed or missing tensors)."""
+
+    def __init__(self, source: str, names: list[str], how: str, remedy: str) -> None:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        super().__init__(
+            f"the base model changed: the frozen parameters {shown} from {source} are {how} compared with the "
+            f"fingerprint the checkpoint was saved with. Construct the model from the same base weights, or {remedy}"
+        )
+        self.source = source
+        self.names = names
+
+
 #: Packages whose exceptions mean "the storage service said no" (credentials, endpoint, permissions):
 #: fsspec backends let some of them through unwrapped instead of turning them into an ``OSError``.
 STORAGE_CLIENT_PACKAGES = ("botocore", "aiobotocore", "google", "azure", "gcsfs", "adlfs", "s3fs")

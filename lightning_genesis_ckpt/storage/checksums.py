@@ -29,6 +29,22 @@ from . import progress
 
 log = logging.getLogger(__name__)
 
+
+def _fastest_crc32() -> Callable[..., int]:
+    """ISA-L's crc32 when ``isal`` is installed (the same polynomial as zlib's, about 7x faster: hardware
+    carry-less multiplication), else zlib's. Both release the GIL on large buffers."""
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return zlib.crc32
+    fast: Callable[..., int] = isal_zlib.crc32
+    return fast
+
+
+#: ``crc32(data, value=0)`` as zlib defines it, from the fastest implementation installed (see above). Every
+#: checksum of checkpoint bytes goes through it: a load verifies at the speed the bytes arrive.
+crc32 = _fastest_crc32()
+
 #: Writes at least this large are record payloads (their crc32 comes from the descriptor torch writes after
 #: them), or, without a read-back, are checksummed on a helper thread while the bytes go to the file.
 LARGE_WRITE = 1 << 20
@@ -120,14 +136,14 @@ class ChecksumWriter:
             elif n >= LARGE_WRITE:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genesis-crc")
-                pending = self._pool.submit(zlib.crc32, view, self._crc)
+                pending = self._pool.submit(crc32, view, self._crc)
                 try:
                     self._raw.write(view)
                 finally:
                     # Always collect the crc before returning: ``view`` may not outlive this call.
                     self._crc = pending.result()
             else:
-                self._crc = zlib.crc32(view, self._crc)
+                self._crc = crc32(view, self._crc)
                 self._raw.write(view)
         except OSError as e:
             self.error = self.error or e
@@ -148,7 +164,7 @@ class ChecksumWriter:
         elif n >= LARGE_WRITE:
             self._pending = n
         else:
-            self._crc = zlib.crc32(view, self._crc)
+            self._crc = crc32(view, self._crc)
         self._raw.write(view)
 
     def _resolve(self) -> None:
@@ -167,7 +183,7 @@ class ChecksumWriter:
                 self._give_up("a data descriptor that does not describe the record")
                 return
         # The descriptor and whatever followed it are ordinary bytes of the file, checksummed in order.
-        self._crc = zlib.crc32(after, crc32_combine(self._crc, crc, n))
+        self._crc = crc32(after, crc32_combine(self._crc, crc, n))
         self._pending = 0
         self._after = bytearray()
 
@@ -218,7 +234,7 @@ def read_back_file(path: str, chunk_size: int = 8 * 2**20) -> Callable[[], tuple
         crc = size = 0
         with open(path, "rb") as f:
             while chunk := f.read(chunk_size):
-                crc = zlib.crc32(chunk, crc)
+                crc = crc32(chunk, crc)
                 size += len(chunk)
         return size, crc
 

@@ -10,7 +10,6 @@ import io
 import pickle
 import re
 import tempfile
-import zlib
 from collections.abc import Callable
 from typing import IO, Any, Literal
 
@@ -18,7 +17,7 @@ import torch
 
 from ..core.errors import CheckpointCorruptError, UnsafeCheckpointError
 from . import progress, safe_types
-from .checksums import ChecksumWriter, format_checksum
+from .checksums import ChecksumWriter, crc32, format_checksum
 
 __all__ = ["ChecksumWriter", "dump", "format_checksum", "load", "read_verified"]
 
@@ -113,7 +112,7 @@ def checksum_stream(
         chunk = fileobj.read(chunk_size)
         if not chunk:
             break
-        crc = zlib.crc32(chunk, crc)
+        crc = crc32(chunk, crc)
         size += len(chunk)
         if sink is not None:
             sink.write(chunk)
