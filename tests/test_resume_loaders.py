@@ -215,12 +215,18 @@ class Stream(IterableDataset):
             yield data[i]
 
 
-def test_iterable_dataset_warns_once_at_the_first_mid_epoch_save(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("kind", ["iterable", "generator"])
+def test_an_inexact_loader_warns_once_at_the_first_mid_epoch_save(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str
 ) -> None:
+    if kind == "iterable":
+        loader, why = DataLoader(Stream(), batch_size=BATCH), "IterableDataset (Stream)"
+    else:
+        own = torch.Generator().manual_seed(1)
+        loader, why = DataLoader(make_data()[0], batch_size=BATCH, shuffle=True, generator=own), "generator="
     with caplog.at_level(logging.WARNING):
-        fit(tmp_path / "ck", DataLoader(Stream(), batch_size=BATCH), every_n_train_steps=4)
+        fit(tmp_path / "ck", loader, every_n_train_steps=4)
     warnings = [r.getMessage() for r in caplog.records if "will not be bit-identical" in r.getMessage()]
-    assert len(warnings) == 1, warnings
-    assert "epoch 0, batch 4" in warnings[0] and "IterableDataset (Stream)" in warnings[0]
-    assert "DataLoader" in warnings[0]
+    assert len(warnings) == 1, warnings  # six or more mid-epoch saves, one warning
+    assert "epoch 0, batch 4" in warnings[0] and why in warnings[0]
+    assert "The train dataloader (DataLoader)" in warnings[0]
