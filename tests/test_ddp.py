@@ -47,6 +47,22 @@ def test_ddp_resume_is_consistent_across_ranks_and_exact(tmp_path: Path) -> None
     assert not [p for p in d.iterdir() if p.name.startswith(".genesis-tmp")]
 
 
+def test_ddp_resume_from_a_mid_epoch_step_checkpoint_is_exact(tmp_path: Path) -> None:
+    """Each rank's DistributedSampler order comes from seed + epoch; each rank skips the same 4 batches."""
+    straight = results(ddp(tmp_path / "straight", "--epochs", "3"))
+    d = tmp_path / "ck"
+    crashed = ddp(d, "--epochs", "3", "--every-n-steps", "2", "--crash-at", "1", "5", check=False)
+    assert crashed.returncode != 0 and "injected" in crashed.stderr
+    assert "checkpoint_step_10.pth" in CheckpointStore(str(d)).manifest().records  # epoch 1, batch 4 of 6
+    resumed_proc = ddp(d, "--epochs", "3", "--every-n-steps", "2")
+    assert "fast-forwarded the train DataLoader to batch 4 of epoch 1" in resumed_proc.stderr
+    resumed = results(resumed_proc)
+    for rank in (0, 1):
+        assert resumed[rank]["resumed_from"] == "checkpoint_step_10.pth"
+        assert resumed[rank]["global_step"] == 3 * STEPS_PER_EPOCH
+        assert resumed[rank]["digest"] == straight[0]["digest"]
+
+
 @pytest.mark.parametrize("rank", [1, 0])
 def test_failure_on_one_rank_does_not_hang_the_job(tmp_path: Path, rank: int) -> None:
     d = tmp_path / "ck"

@@ -383,7 +383,6 @@ class GenesisCheckpoint(ModelCheckpointAttributes, _CheckpointBase):
             self.store,
             trainer,
             monitor=self.monitor,
-            fast_forward=self._fast_forward,
             what=what,
             check_types=self._check_types,
             elapsed=lambda: self.preemption.seconds_since_signal() if preempted else None,

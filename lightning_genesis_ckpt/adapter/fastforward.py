@@ -1,158 +1,159 @@
-"""Mid-epoch resume of a plain DataLoader: the interrupted epoch goes on with the batches it would have had.
+"""Mid-epoch resume: the interrupted epoch goes on with the batches it would have had, none loaded twice.
 
 A snapshot from the middle of an epoch restores the model, optimizer, loops and RNG, but Lightning restarts a
-plain ``DataLoader`` from a new shuffle, so the rest of that epoch trains on other batches. This module
-records what decides an epoch's batches and replays it on resume:
+``DataLoader`` from a new shuffle, so the rest of that epoch trains on other batches. This module records
+what decides an epoch's batches and replays it on resume:
 
-* **Recording.** A DataLoader iterator draws one int64 from the global torch RNG when it is created (its
-  ``_base_seed``), and a default ``RandomSampler`` draws its permutation seed from the same RNG just after.
-  So the torch RNG state just before the epoch's iterator was created determines the whole epoch. Lightning
-  creates that iterator between hooks, so the states at the hooks before it (fit start, after a restore,
-  sanity-check start, epoch start) are candidates; the one whose first draw equals the live iterator's
-  ``_base_seed`` is the state that made this epoch.
-* **Replaying.** On resume, after the fit loop has made its own iterator, :meth:`FastForward.resume` sets
-  the RNG back to that state, makes the iterator again, advances its *index* sampler past the batches the
-  epoch had trained on (no sample is loaded for them), then restores the RNG state of the snapshot.
-  Lightning's fetcher does not prefetch from a sized loader, so batch ``k`` is loaded at the same RNG state
-  as in the uninterrupted run: random augmentations in ``__getitem__`` come out the same too.
+* **Recording.** A DataLoader iterator draws one int64 from the global torch RNG when it is made (its
+  ``_base_seed``, which also seeds its workers), and a sampler drawing from the global RNG (the default
+  ``RandomSampler``, or a user's ``torch.randperm`` shuffle) draws its order just after. So the RNG states just
+  before the epoch's iterator was made determine the whole epoch. Lightning makes that iterator between
+  hooks, so the states at the hooks before it (fit start, after a restore, sanity-check start, epoch start)
+  are candidates; the one whose first draw equals the live iterator's ``_base_seed`` is the state that made
+  this epoch. A persistent-workers iterator is made once and only *reset* at later epochs (no base seed
+  drawn): for those the epoch-start state is recorded beside the state that made the iterator.
+* **Replaying.** On resume, after the fit loop has made its own iterator, :meth:`FastForward.resume` sets the
+  RNG back, makes the iterator again with its index sampler wrapped so that it starts at the snapshot's batch
+  (:mod:`.loader_position`: no sample is loaded for the skipped batches, in this process or in a worker),
+  then restores the RNG states of the snapshot. Lightning's fetcher does not prefetch from a sized loader, so
+  with ``num_workers=0`` batch ``k`` is loaded at the same RNG state as in the uninterrupted run: random
+  augmentations in ``__getitem__`` come out the same too.
 
-Supported: one process, one train ``DataLoader`` with ``num_workers=0``, a map-style dataset, and the default
-samplers (``RandomSampler`` or ``SequentialSampler`` without a ``generator``, under the default
-``BatchSampler``); the resume must stop at a batch boundary (preemption signals do). Anything else falls back
-to Lightning's behaviour (the epoch restarts from a new shuffle), with a warning naming the reason. Extending
-it: workers need the skip applied before the iterator hands out indices (a wrapping batch sampler); DDP needs
-each rank's ``DistributedSampler`` epoch and position; custom samplers need their own ``state_dict``.
+Exact: one train ``DataLoader`` over a map-style dataset, any ``num_workers``, ``persistent_workers``, the
+default or a custom ``Sampler``/``batch_sampler`` whose order comes from the global RNGs (torch, numpy,
+Python) or from ``set_epoch`` (``DistributedSampler`` under DDP, each rank skipping the same number of
+batches). A loader with its own ``state_dict`` (torchdata's ``StatefulDataLoader``) is restored by Lightning
+and not fast-forwarded. Not exact, with a warning at the first mid-epoch save naming the reason: an
+``IterableDataset`` without state, a ``generator=`` on the loader or sampler, several train loaders. Limits
+of workers: a worker's own RNG is reseeded per epoch from the base seed, so the indices are exact, but random
+augmentations drawn inside workers differ unless they depend only on the index (the skipped batches' draws
+are not replayed); the resume must stop at a batch boundary (preemption signals do).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections.abc import Iterator
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler
 
-from . import _lightning_loops, epoch_metrics, fit_state, rng
+from . import _lightning_loops, epoch_metrics, fit_state, loader_position, rng
 
 log = logging.getLogger(__name__)
 
 _MAX_CANDIDATES = 8
 
 
-def _first_draw(state: torch.Tensor) -> int:
-    """The int64 a DataLoader iterator created at RNG state ``state`` takes as its ``_base_seed``."""
+def _first_draw(state: dict[str, Any]) -> int:
+    """The int64 a DataLoader iterator created at RNG states ``state`` takes as its ``_base_seed``."""
     g = torch.Generator()
-    g.set_state(state)
+    g.set_state(state["torch"])
     return int(torch.empty((), dtype=torch.int64).random_(generator=g).item())
 
 
 @dataclass(frozen=True)
 class EpochStart:
-    """The epoch whose iterator the torch RNG state ``rng`` created (``base_seed`` proves it)."""
+    """The epoch whose iterator the RNG states ``rng`` created (``base_seed`` proves it); ``reset_rng``: the
+    states at which a persistent iterator, made at an earlier epoch, started this one."""
 
     epoch: int
-    rng: torch.Tensor
+    rng: dict[str, Any]
     base_seed: int
+    reset_rng: dict[str, Any] | None = None
 
 
-def unsupported_reason(trainer: Any) -> str | None:
-    """Why this run's train data cannot be fast-forwarded, or None when it can."""
-    if trainer.world_size > 1:
-        return f"{trainer.world_size} processes (only single-process runs are fast-forwarded)"
-    loaders = _lightning_loops.train_loaders(trainer)
-    if len(loaders) != 1:
-        return f"{len(loaders)} train dataloaders (only one is fast-forwarded)"
-    dl = loaders[0]
-    if not isinstance(dl, DataLoader):
-        return f"the train dataloader is a {type(dl).__name__}, not a torch DataLoader"
-    if isinstance(dl.dataset, IterableDataset):
-        return "the train dataset is an IterableDataset"
-    if dl.num_workers > 0:
-        return f"the train DataLoader has num_workers={dl.num_workers} (only 0 is fast-forwarded)"
-    if dl.generator is not None:
-        return "the train DataLoader has its own generator="
-    sampler = dl.sampler
-    if type(dl.batch_sampler) is not BatchSampler or type(sampler) not in (RandomSampler, SequentialSampler):
-        return f"the train DataLoader uses a custom sampler ({type(sampler).__name__})"
-    if getattr(sampler, "generator", None) is not None:
-        return "the train DataLoader's RandomSampler has its own generator="
-    return None
-
-
-class _Positioned:
-    """A DataLoader seen through this wrapper makes its next iterator start at batch ``skip``."""
-
-    def __init__(self, loader: DataLoader, skip: int) -> None:
-        self.loader = loader
-        self.skip = skip
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.loader, name)
-
-    def __iter__(self) -> Iterator[Any]:
-        it = iter(self.loader)
-        indices = it._sampler_iter
-        for _ in range(self.skip):
-            next(indices, None)
-        # Start the sampler now, while the RNG is still at the epoch's start: RandomSampler draws its
-        # permutation seed at its first item, which in the original run came right after the base seed.
-        first = list(itertools.islice(indices, 1))
-        it._sampler_iter = itertools.chain(first, indices)
-        return it
+def _ref(obj: Any) -> weakref.ref[Any] | None:
+    try:
+        return None if obj is None else weakref.ref(obj)
+    except TypeError:  # an iterator type without weak references: treated as made anew every epoch
+        return None
 
 
 class FastForward:
     """Records how each epoch's batches were drawn, and replays an interrupted epoch on resume."""
 
     def __init__(self) -> None:
-        self._candidates: list[torch.Tensor] = []
+        self._candidates: list[dict[str, Any]] = []
         self.epoch_start: EpochStart | None = None
         self._observed_epoch: int | None = None
+        # The iterator the recorded epoch start belongs to: a persistent one lives on into later epochs.
+        self._recorded_iterator: weakref.ref[Any] | None = None
+        self._warned = False
 
     def candidate(self) -> None:
-        """Note the current RNG state: a train iterator may be created before the next hook."""
-        self._candidates = [*self._candidates[-(_MAX_CANDIDATES - 1) :], torch.get_rng_state()]
+        """Note the current RNG states: a train iterator may be made, or reset, before the next hook."""
+        self._candidates = [*self._candidates[-(_MAX_CANDIDATES - 1) :], rng.capture()]
 
     def observe(self, trainer: Any) -> None:
-        """At the epoch's first batch: find which noted state created the live train iterator."""
+        """At the epoch's first batch: find which noted state made (or reset) the live train iterator."""
         epoch = trainer.current_epoch
         if self._observed_epoch == epoch:
             return
         self._observed_epoch = epoch
-        if self.epoch_start is not None and self.epoch_start.epoch == epoch:
-            return  # a resumed epoch: replayed from the snapshot's record
-        self.epoch_start = None
-        iterators = _lightning_loops.train_iterators(trainer)
-        base_seed = getattr(iterators[0], "_base_seed", None) if len(iterators) == 1 else None
-        if isinstance(base_seed, int):
-            for state in reversed(self._candidates):
+        previous, self.epoch_start = self.epoch_start, None
+        if previous is not None and previous.epoch == epoch:
+            self.epoch_start = previous  # a resumed epoch: replayed from the snapshot's record
+            return
+        iterator = loader_position.live_iterator(trainer)
+        same = (
+            iterator is not None
+            and self._recorded_iterator is not None
+            and self._recorded_iterator() is iterator
+        )
+        if same and previous is not None and self._candidates and loader_position.reuses_iterator(trainer):
+            # A persistent iterator, reset for this epoch: its base seed was drawn at an earlier epoch, and
+            # the sampler draws its order at the reset, made right after the epoch-start hook.
+            self.epoch_start = EpochStart(epoch, previous.rng, previous.base_seed, self._candidates[-1])
+        else:
+            base_seed = getattr(iterator, "_base_seed", None)
+            for state in reversed(self._candidates if isinstance(base_seed, int) else []):
                 if _first_draw(state) == base_seed:
-                    self.epoch_start = EpochStart(epoch, state, base_seed)
+                    self.epoch_start = EpochStart(epoch, state, int(base_seed))
                     break
+        self._recorded_iterator = _ref(iterator)
         self._candidates = []
 
     def plan(self, trainer: Any) -> tuple[dict[str, Any] | None, str | None]:
-        """``(plan, None)`` to store in a mid-epoch snapshot, or ``(None, reason)`` when it cannot be exact."""
-        reason = unsupported_reason(trainer)
+        """``(plan, None)`` to store in a mid-epoch checkpoint, or ``(None, reason)`` when it is not
+        fast-forwarded (:data:`.loader_position.OWN_STATE` when the loader restores its own position)."""
+        reason = loader_position.unsupported_reason(trainer)
         start = self.epoch_start
         if reason is None and (start is None or start.epoch != trainer.current_epoch):
             reason = "the RNG state that shuffled this epoch could not be identified"
         if reason is not None or start is None:
             return None, reason
-        batches = fit_state.batches_trained(trainer)
-        plan = {"epoch": start.epoch, "batches": batches, "rng": start.rng, "base_seed": start.base_seed}
+        plan = {
+            "epoch": start.epoch,
+            "batches": fit_state.batches_trained(trainer),
+            "rng": start.rng,
+            "base_seed": start.base_seed,
+            "reset_rng": start.reset_rng,
+        }
         return plan, None
+
+    def warn_once(self, trainer: Any, reason: str) -> None:
+        """The first mid-epoch save of a fit that will not resume exactly says so, naming the loader."""
+        if self._warned or reason == loader_position.OWN_STATE or not trainer.is_global_zero:
+            return
+        self._warned = True
+        loaders = _lightning_loops.train_loaders(trainer)
+        names = ", ".join(type(dl).__name__ for dl in loaders) or "none"
+        log.warning(
+            "mid-epoch checkpoint at epoch %d, batch %d: a resume from it will not be bit-identical. The train "
+            "dataloader (%s) is not fast-forwarded, because %s; the resumed run starts that epoch's loader "
+            "again (Lightning's behaviour). Checkpoints at epoch ends are exact. This is said once per fit.",
+            trainer.current_epoch,
+            fit_state.batches_trained(trainer),
+            names,
+            reason,
+        )
 
     def resume(self, trainer: Any, plan: dict[str, Any]) -> str | None:
         """Position the train iterator at the snapshot's batch; returns why not, or None once done.
 
-        The caller restores the snapshot's RNG state afterwards: making the iterator used the torch RNG.
+        The caller restores the snapshot's RNG state afterwards: making the iterator used the RNG.
         """
         epoch, batches = int(plan["epoch"]), int(plan["batches"])
         # processed, not completed: a checkpoint from on_train_batch_end counts its batch as processed only
@@ -160,19 +161,21 @@ class FastForward:
         done = fit_state.batches_trained(trainer)
         if trainer.current_epoch != epoch or done != batches:
             return f"the restored loops are at epoch {trainer.current_epoch} batch {done}"
-        reason = unsupported_reason(trainer)
+        reason = loader_position.unsupported_reason(trainer)
         if reason is not None:
             return reason
-        torch.set_rng_state(plan["rng"])
-        _lightning_loops.restart_train_iterator(trainer, lambda dl: _Positioned(dl, batches))
-        iterators = _lightning_loops.train_iterators(trainer)
-        if getattr(iterators[0], "_base_seed", None) != plan["base_seed"]:
+        loader_position.position(trainer, plan)
+        iterator = loader_position.live_iterator(trainer)
+        if getattr(iterator, "_base_seed", None) != plan["base_seed"]:
             return "the train DataLoader does not draw its shuffle as it did when the snapshot was taken"
-        self.epoch_start = EpochStart(epoch, plan["rng"], int(plan["base_seed"]))
+        states = plan["rng"] if isinstance(plan["rng"], dict) else {"torch": plan["rng"]}
+        self.epoch_start = EpochStart(epoch, states, int(plan["base_seed"]), plan.get("reset_rng"))
         self._observed_epoch = epoch
+        self._recorded_iterator = _ref(iterator)
         log.info(
-            "fast-forwarded the train DataLoader to batch %d of epoch %d: same shuffle, no batch repeated "
-            "(Lightning's warning that the dataloader is not resumable does not apply)",
+            "fast-forwarded the train DataLoader to batch %d of epoch %d: same order, no batch repeated, none "
+            "of the skipped ones loaded (Lightning's warning that the dataloader is not resumable does not "
+            "apply)",
             batches,
             epoch,
         )
@@ -188,9 +191,11 @@ class FastForward:
             state["plateau_steps"] = _lightning_loops.pending_plateau_steps(trainer)
             if fit_state.mid_epoch(trainer):
                 state["epoch_metrics"] = epoch_metrics.capture(trainer)
-                plan, _ = self.plan(trainer)
+                plan, reason = self.plan(trainer)
                 if plan is not None:
                     state["fast_forward"] = plan
+                elif reason is not None:
+                    self.warn_once(trainer, reason)
         return state
 
     def restore(self, trainer: Any, restored: dict[str, Any]) -> None:
@@ -208,4 +213,7 @@ class FastForward:
             reason = self.resume(trainer, plan)
             if reason is not None:
                 log.warning("the resumed epoch cannot continue with the same batches: %s", reason)
-            rng.restore(restored["rng"])  # making the iterator again drew from the RNG
+        if plan is not None or "epoch_metrics" in restored:
+            # Mid-epoch, the original run went on from the saved states with no iterator made in between;
+            # the resumed run has made one (a StatefulDataLoader's too, which draws a base seed).
+            rng.restore(restored["rng"])

@@ -16,14 +16,13 @@ from ..core.records import CheckpointRecord
 from ..storage.store import CheckpointStore
 from . import fit_state
 from ._lightning import dump_checkpoint, writes_directory
-from .fastforward import FastForward
 from .sharded import save_sharded
 
 log = logging.getLogger(__name__)
 
 
-def inexact_reason(trainer: Any, fast_forward: FastForward) -> str | None:
-    """Why a snapshot taken now would not resume bit-identically, or None."""
+def inexact_reason(trainer: Any) -> str | None:
+    """Why a snapshot taken now would not resume bit-identically because of when it is taken, or None."""
     if not fit_state.mid_epoch(trainer):
         return None
     pending = fit_state.batches_since_optimizer_step(trainer)
@@ -33,13 +32,9 @@ def inexact_reason(trainer: Any, fast_forward: FastForward) -> str | None:
             "batch(es) since the optimizer step are not in it, so the resumed run differs from an "
             "uninterrupted one (preemption signals wait for the optimizer step instead)"
         )
-    _, reason = fast_forward.plan(trainer)
-    if reason is None:
-        return None
-    return (
-        f"the snapshot is from the middle of epoch {trainer.current_epoch}: the resumed run repeats no batch but "
-        f"reshuffles the rest of that epoch, because {reason}"
-    )
+    # A loader that is not fast-forwarded is warned about by the fast-forward itself, once per fit, at the
+    # first mid-epoch save (this one, or an earlier step checkpoint), when the snapshot's state is captured.
+    return None
 
 
 def warn_not_taken(store: CheckpointStore, newest: CheckpointRecord | None, what: str, reason: str) -> None:
@@ -57,7 +52,6 @@ def take(
     trainer: Any,
     *,
     monitor: str | None,
-    fast_forward: FastForward,
     what: str,
     check_types: Callable[[dict[str, Any], str], None],
     elapsed: Callable[[], float | None],
@@ -82,7 +76,7 @@ def take(
         return None
     if not trainer.is_global_zero:
         return None
-    reason = inexact_reason(trainer, fast_forward)
+    reason = inexact_reason(trainer)
     if reason is not None:
         log.warning("%s", reason)
     fields = {

@@ -26,6 +26,8 @@ def main() -> None:
     p.add_argument("--at-epoch", type=int, default=1)
     p.add_argument("--at-batch", type=int, default=2)
     p.add_argument("--monitor", default="val_loss")
+    p.add_argument("--every-n-steps", type=int, help="step checkpoints (every_n_train_steps)")
+    p.add_argument("--crash-at", type=int, nargs=2, help="EPOCH BATCH: every rank raises there, no snapshot")
     p.add_argument("--catch", action="store_true", help="print the error fit raised as FIT_ERROR: and exit 3")
     args = p.parse_args()
 
@@ -33,8 +35,11 @@ def main() -> None:
     f.pl.seed_everything(0)
     model = f.TinyModel()
     train, val = loaders()
-    callbacks = [GenesisCheckpoint(args.dirpath, monitor=args.monitor)]
+    ckpt = {"every_n_train_steps": args.every_n_steps, "save_on_exception": args.crash_at is None}
+    callbacks = [GenesisCheckpoint(args.dirpath, monitor=args.monitor, **ckpt)]
     rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.crash_at is not None:
+        callbacks.append(f.RaiseAt(*args.crash_at))
     if args.fail_on_rank is not None and args.fail_on_rank == rank:
         callbacks.append(f.RaiseAt(args.at_epoch, args.at_batch))
     trainer = f.pl.Trainer(
