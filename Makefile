@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test docs bench bench-frozen crashstates clean
+.PHONY: demo test docs bench bench-quick bench-frozen crashstates clean
 
 $(RUNTIME_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,8 +38,13 @@ test: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
+# Every benchmark side by side, into benchmarks/results.{md,json,png} (about an hour on 2 cores); bench-quick
+# is the reviewers' smoke run (small sizes, 3 repeats: a few minutes), written to .bench-quick/.
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run_all.py --quick --out .bench-quick
 
 # Frozen exclusion against full saves on a LoRA-like model (docs/performance.md; about 6 minutes here).
 bench-frozen: $(STAMP)

@@ -1,36 +1,194 @@
 """One measurement in a fresh process; prints one JSON line. Driven by benchmarks/run_all.py.
 
-Modes:
-  raw         write the same bytes torch.save would produce (pre-serialized into a buffer outside the timing)
-              + fsync: the physical limit of the disk
-  torch       torch.save into an open file + flush + fsync
-  lightning   lightning_fabric's _atomic_save (what ModelCheckpoint / Trainer.save_checkpoint use)
-  genesis     CheckpointStore.save: atomic, fsync'd, checksummed, manifest updated
-  load-plain  torch.load of a saved file
-  load-mmap   torch.load(mmap=True) of a saved file (what genesis uses for inference loads)
-  load-genesis, load-genesis-mmap   CheckpointStore.load of the same file: checksum-verified, one pass
+Save modes (each times one save of ``--bytes`` of float32 weights in 16 tensors):
+  floor           the durable floor: torch.save into a temp file beside the target, fsync, rename, fsync the
+                  directory -- the least any crash-safe save must do
+  torch           torch.save into an open file + fsync (not atomic: a crash can leave a torn file)
+  lightning       lightning_fabric's _atomic_save (what ModelCheckpoint / Trainer.save_checkpoint use)
+  genesis         ``genesis.save(state, path)``: atomic, fsync'd, checksummed, manifest committed
+  manager         ``CheckpointManager(dir).save_epoch_checkpoint(state, 1)``
+  callback        a real one-epoch ``Trainer.fit`` with ``GenesisCheckpoint``: the callback's epoch save of
+                  the trainer's own checkpoint dict (commit of checkpoint, best copy, retention)
+  callback-floor  the same fit, the same checkpoint dict saved at the durable floor instead
+
+Load modes (one store-written file; ``--warm`` reads it once first, else the page cache is dropped):
+  load-plain, load-mmap                 torch.load(weights_only=True[, mmap=True]) (no verification)
+  load-genesis, load-genesis-mmap       CheckpointStore.load of the same file: checksum-verified, one pass
+
+Every save mode first does one tiny save of the same kind into another directory, so lazy imports and first
+calls are outside the timed region, and calls ``os.sync()`` so writeback left by earlier runs does not land
+in this one's fsync.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import logging
 import os
 import resource
 import time
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
+
+MiB = 2**20
 
 
 def make_state(nbytes: int, tensors: int = 16) -> dict[str, torch.Tensor]:
     per = nbytes // 4 // tensors
     g = torch.Generator().manual_seed(0)
-    return {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(tensors)}
+    return {f"layer{i}.weight": torch.empty(per).uniform_(generator=g) for i in range(tensors)}
 
 
 def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def floor_save(obj: Any, target: str) -> None:
+    directory = os.path.dirname(target)
+    tmp = os.path.join(directory, ".tmp-" + os.path.basename(target))
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def saver(mode: str) -> Callable[[Any, str], None]:
+    """The function that saves ``state`` into directory ``d`` the way ``mode`` does."""
+    from lightning_fabric.utilities.cloud_io import _atomic_save
+
+    import lightning_genesis_ckpt as genesis
+
+    def torch_fsync(obj: Any, d: str) -> None:
+        with open(os.path.join(d, "bench.pth"), "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    savers: dict[str, Callable[[Any, str], None]] = {
+        "floor": lambda obj, d: floor_save(obj, os.path.join(d, "bench.pth")),
+        "torch": torch_fsync,
+        "lightning": lambda obj, d: _atomic_save(obj, os.path.join(d, "bench.pth")),
+        "genesis": lambda obj, d: genesis.save(obj, os.path.join(d, "bench.pth")),
+        "manager": lambda obj, d: genesis.CheckpointManager(d).save_epoch_checkpoint(obj, 1),
+    }
+    return savers[mode]
+
+
+def time_save(mode: str, directory: str, nbytes: int) -> dict[str, Any]:
+    save = saver(mode)
+    warm = directory + "-warmup"
+    os.makedirs(warm, exist_ok=True)
+    save({"w": torch.zeros(256)}, warm)
+    state = make_state(nbytes)
+    os.makedirs(directory, exist_ok=True)
+    os.sync()
+    base = maxrss_bytes()
+    cpu, start = time.process_time(), time.perf_counter()
+    save(state, directory)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"seconds": elapsed, "cpu": cpu, "extra_rss": maxrss_bytes() - base}
+
+
+def time_callback_save(mode: str, directory: str, nbytes: int) -> dict[str, Any]:
+    """One epoch of a real fit; the epoch-end save of its checkpoint dict is what is timed."""
+    import pytorch_lightning as pl
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_genesis_ckpt import GenesisCheckpoint
+    from lightning_genesis_ckpt.adapter import commits
+
+    class Weights(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(8, 1)
+            # Trained by plain SGD (no optimizer state), so the checkpoint is these bytes plus metadata.
+            self.layers = nn.ParameterList(nn.Parameter(t) for t in make_state(nbytes).values())
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = nn.functional.mse_loss(self.head(x), y)
+            self.log("loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.head.parameters(), lr=0.1)
+
+    timing: dict[str, Any] = {}
+    original = commits.commit
+
+    def timed_commit(store: Any, checkpoint: dict[str, Any], *args: Any) -> Any:
+        os.sync()
+        base = maxrss_bytes()
+        cpu, start = time.process_time(), time.perf_counter()
+        if mode == "callback-floor":
+            floor_save(checkpoint, os.path.join(directory + "-floor", "bench.pth"))
+        else:
+            result = original(store, checkpoint, *args)
+        timing.update(
+            seconds=time.perf_counter() - start,
+            cpu=time.process_time() - cpu,
+            extra_rss=maxrss_bytes() - base,
+        )
+        return original(store, checkpoint, *args) if mode == "callback-floor" else result
+
+    commits.commit = timed_commit  # type: ignore[assignment]
+    os.makedirs(directory + "-floor", exist_ok=True)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    data = DataLoader(TensorDataset(torch.randn(4, 8), torch.randn(4, 1)), batch_size=4)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        callbacks=[GenesisCheckpoint(directory, monitor="loss", verbose=False)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(Weights(), data)
+    return timing
+
+
+def time_load(mode: str, directory: str, nbytes: int, warm: bool) -> dict[str, Any]:
+    from lightning_genesis_ckpt import CheckpointStore
+
+    target = os.path.join(directory, "bench.pth")
+    store = CheckpointStore(directory, verbose=False)
+    # One file for every load mode: written by the store, so the verified loads have its record.
+    if store.manifest().get("bench.pth") is None:
+        store.save("bench.pth", make_state(nbytes))
+    if not warm:
+        # Drop this file from the page cache so loads are comparable (best effort).
+        fd = os.open(target, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    else:
+        with open(target, "rb") as f:
+            while f.read(8 * MiB):
+                pass
+    mmap = mode.endswith("-mmap")
+    base = maxrss_bytes()
+    start = time.perf_counter()
+    if mode.startswith("load-genesis"):
+        state = store.load("bench.pth", mmap=mmap)  # checksum-verified
+    else:
+        state = torch.load(target, weights_only=True, mmap=mmap)
+    # Touch a strided sample of every tensor: each one is faulted in, as a first use would start.
+    total = sum(float(t[:: max(1, t.numel() // 1024)].sum()) for k, t in state.items() if "layer" in k)
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "extra_rss": maxrss_bytes() - base, "x": total}
 
 
 def main() -> None:
@@ -40,78 +198,15 @@ def main() -> None:
     p.add_argument("--bytes", type=int, required=True)
     p.add_argument("--warm", action="store_true", help="loads: from the page cache (read once first)")
     args = p.parse_args()
-    os.makedirs(args.dir, exist_ok=True)
-    target = os.path.join(args.dir, "bench.pth")
-
+    logging.getLogger("lightning_genesis_ckpt").setLevel(logging.WARNING)
     if args.mode.startswith("load-"):
-        from lightning_genesis_ckpt import CheckpointStore
-
-        store = CheckpointStore(args.dir, verbose=False)
-        # One file for every load mode: written by the store, so the verified loads have its record.
-        if store.manifest().get("bench.pth") is None:
-            store.save("bench.pth", make_state(args.bytes))
-        if not args.warm:
-            # Drop this file from the page cache so loads are comparable (best effort).
-            fd = os.open(target, os.O_RDONLY)
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-        else:
-            with open(target, "rb") as f:
-                while f.read(8 << 20):
-                    pass
-        mmap = args.mode.endswith("-mmap")
-        base = maxrss_bytes()
-        start = time.perf_counter()
-        if args.mode.startswith("load-genesis"):
-            state = store.load("bench.pth", mmap=mmap)  # checksum-verified
-        else:
-            state = torch.load(target, weights_only=True, mmap=mmap)
-        # Touch a strided sample of every tensor: each one is faulted in, as a first use would start.
-        total = sum(float(t[:: max(1, t.numel() // 1024)].sum()) for k, t in state.items() if "layer" in k)
-        elapsed = time.perf_counter() - start
-        print(
-            json.dumps(
-                {"mode": args.mode, "seconds": elapsed, "extra_rss": maxrss_bytes() - base, "x": total}
-            )
-        )
-        return
-
-    # Imports happen before the clock starts: only the save itself is timed.
-    from lightning_fabric.utilities.cloud_io import _atomic_save
-
-    from lightning_genesis_ckpt import CheckpointStore
-
-    state = make_state(args.bytes)
-    payload = None
-    if args.mode == "raw":
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        payload = buf.getbuffer()
-    base = maxrss_bytes()
-    start = time.perf_counter()
-    if args.mode == "raw":
-        assert payload is not None
-        with open(target, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-    elif args.mode == "torch":
-        with open(target, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-    elif args.mode == "lightning":
-        _atomic_save(state, target)
-    elif args.mode == "genesis":
-        CheckpointStore(args.dir, verbose=False).save("bench.pth", state)
+        os.makedirs(args.dir, exist_ok=True)
+        result = time_load(args.mode, args.dir, args.bytes, args.warm)
+    elif args.mode.startswith("callback"):
+        result = time_callback_save(args.mode, args.dir, args.bytes)
     else:
-        raise SystemExit(f"unknown mode {args.mode}")
-    elapsed = time.perf_counter() - start
-    size = os.path.getsize(target)
-    print(
-        json.dumps({"mode": args.mode, "seconds": elapsed, "extra_rss": maxrss_bytes() - base, "size": size})
-    )
+        result = time_save(args.mode, args.dir, args.bytes)
+    print(json.dumps({"mode": args.mode, **result}))
 
 
 if __name__ == "__main__":

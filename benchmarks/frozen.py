@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/frozen.py            # base sizes 256 MiB and 1 GiB, 5 repeats
     .venv/bin/python benchmarks/frozen.py --quick    # 64 MiB and 256 MiB, 3 repeats
 
-Every run is a fresh process; ``full`` and ``slim`` alternate run by run; the table holds medians. Writes
-benchmarks/frozen.json and prints a markdown table (copied into docs/performance.md).
+Every run is a fresh process; ``full`` and ``slim`` alternate run by run; the table holds medians. Also a
+section of ``make bench`` (benchmarks/run_all.py); run alone it writes benchmarks/frozen.json and prints the
+markdown table of docs/performance.md.
 """
 
 from __future__ import annotations
@@ -19,16 +20,9 @@ from typing import Any
 from run_all import HERE, MiB, run_worker, scratch
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--scratch", default=str(HERE.parent / ".bench-scratch"))
-    args = p.parse_args()
-    root = Path(args.scratch)
-    root.mkdir(parents=True, exist_ok=True)
-    sizes = [64, 256] if args.quick else [256, 1024]
-    repeats = 3 if args.quick else 5
-    results: dict[int, dict[str, list[dict[str, Any]]]] = {}
+def run(root: Path, sizes: list[int], repeats: int) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Per base size in MiB (as a string key): the ``full`` and ``slim`` runs."""
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for size in sizes:
         runs: dict[str, list[dict[str, Any]]] = {"full": [], "slim": []}
         for i in range(repeats):
@@ -38,7 +32,11 @@ def main() -> None:
                 runs[mode].append(r)
                 shutil.rmtree(d, ignore_errors=True)
                 print(f"  base {size} MiB run {i + 1}/{repeats} {mode}: {r['save_seconds']:.3f}s", flush=True)
-        results[size] = runs
+        results[str(size)] = runs
+    return results
+
+
+def table(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
     lines = [
         "| frozen base | trainable + AdamW state | full checkpoint | slim checkpoint | slim / (trainable + "
         "optimizer) | full save | slim save | slim first save (writes the base copy) |",
@@ -56,8 +54,20 @@ def main() -> None:
             f"{med('full', 'save_seconds'):.3f} s | {med('slim', 'save_seconds'):.3f} s | "
             f"{med('slim', 'first_save_seconds'):.3f} s |"
         )
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--scratch", default=str(HERE.parent / ".bench-scratch"))
+    args = p.parse_args()
+    root = Path(args.scratch)
+    root.mkdir(parents=True, exist_ok=True)
+    repeats = 3 if args.quick else 5
+    results = run(root, [64, 256] if args.quick else [256, 1024], repeats)
     (HERE / "frozen.json").write_text(json.dumps({"repeats": repeats, "results": results}, indent=1))
-    print("\n".join(lines))
+    print("\n".join(table(results)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
-"""Run every benchmark and write benchmarks/results.{md,json,png}.
+"""Run every benchmark side by side and write benchmarks/results.{md,json,png}.
 
-    make bench                      # full run (about 15 minutes on the 2-core dev machine)
-    .venv/bin/python benchmarks/run_all.py --quick   # smaller sizes, fewer repeats, for a smoke test
+    make bench                                          # the full run (sizes 16 MiB to 1 GiB, 5 repeats)
+    .venv/bin/python benchmarks/run_all.py --quick      # a few minutes: small sizes, 3 repeats
+    .venv/bin/python benchmarks/run_all.py --only save,load   # re-run some sections, keep the others' results
+
+Sections: ``save`` (the durable floor, torch.save + fsync, Lightning, genesis.save, CheckpointManager, the
+callback's epoch save and the floor of that same checkpoint dict), ``load`` (verified against plain
+torch.load, cold and warm), ``e2e`` (a Lightning fit against ModelCheckpoint), ``async`` (time a background
+save blocks the loop), ``dip`` (step time while a background save is in flight), ``frozen`` (fine-tuning
+checkpoints) and ``transfers`` (S3 upload and download against s3fs and boto3 on a loopback server).
 
 Every measurement runs in a fresh process, methods are interleaved run by run (so drift in disk or CPU load
 hits all of them alike), and the tables report medians. Ratios compare methods measured side by side in this
@@ -15,9 +22,9 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -26,11 +33,20 @@ HERE = Path(__file__).resolve().parent
 MiB = 2**20
 GiB = 2**30
 
+SAVE_MODES = ("floor", "torch", "genesis", "manager", "callback", "callback-floor", "lightning")
+LOAD_MODES = ("load-plain", "load-genesis", "load-mmap", "load-genesis-mmap")
+SECTIONS = ("save", "load", "e2e", "async", "dip", "frozen", "transfers")
+
 
 def run_worker(script: str, *args: str) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     out = subprocess.run(
-        [sys.executable, str(HERE / script), *args], capture_output=True, text=True, env=env, check=False
+        [sys.executable, str(HERE / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=1800,
     )
     if out.returncode != 0:
         raise RuntimeError(f"{script} {args} failed:\n{out.stdout}\n{out.stderr}")
@@ -39,25 +55,25 @@ def run_worker(script: str, *args: str) -> dict[str, Any]:
 
 def scratch(root: Path, name: str) -> Path:
     d = root / name
-    shutil.rmtree(d, ignore_errors=True)
+    for stale in root.glob(name + "*"):  # with the worker's -warmup / -floor siblings
+        shutil.rmtree(stale, ignore_errors=True)
     return d
 
 
-def bench_save(root: Path, nbytes: int, modes: list[str], repeats: int) -> dict[str, list[dict[str, Any]]]:
+def bench_save(root: Path, nbytes: int, repeats: int) -> dict[str, list[dict[str, Any]]]:
     results: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for i in range(repeats):
+        # Rotated run by run, so no mode always follows the same neighbour.
+        modes = SAVE_MODES[i % len(SAVE_MODES) :] + SAVE_MODES[: i % len(SAVE_MODES)]
         for mode in modes:
-            d = scratch(root, f"save-{mode}")
+            d = scratch(root, "save")
             r = run_worker("_worker.py", mode, str(d), "--bytes", str(nbytes))
             results[mode].append(r)
-            shutil.rmtree(d, ignore_errors=True)
+            scratch(root, "save")
             print(
-                f"  save {nbytes / MiB:.0f} MiB run {i + 1}/{repeats} {mode}: {r['seconds']:.2f}s", flush=True
+                f"  save {nbytes / MiB:.0f} MiB run {i + 1}/{repeats} {mode}: {r['seconds']:.3f}s", flush=True
             )
     return results
-
-
-LOAD_MODES = ("load-plain", "load-genesis", "load-mmap", "load-genesis-mmap")
 
 
 def bench_load(root: Path, nbytes: int, repeats: int) -> dict[str, list[dict[str, Any]]]:
@@ -75,10 +91,10 @@ def bench_load(root: Path, nbytes: int, repeats: int) -> dict[str, list[dict[str
     return results
 
 
-def bench_e2e(root: Path, configs: list[str], repeats: int, epochs: int) -> dict[str, list[dict[str, Any]]]:
+def bench_e2e(root: Path, repeats: int, epochs: int) -> dict[str, list[dict[str, Any]]]:
     results: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for i in range(repeats):
-        for config in configs:
+        for config in ("none", "modelcheckpoint", "genesis", "genesis-async"):
             d = scratch(root, f"e2e-{config}")
             r = run_worker("_e2e_worker.py", config, str(d), "--epochs", str(epochs))
             results[config].append(r)
@@ -87,8 +103,19 @@ def bench_e2e(root: Path, configs: list[str], repeats: int, epochs: int) -> dict
     return results
 
 
-def med(rows: list[dict[str, Any]], key: str) -> float:
-    return float(statistics.median(r[key] for r in rows))
+def bench_dip(root: Path, sizes: list[int], repeats: int) -> dict[str, list[dict[str, Any]]]:
+    results: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for i in range(repeats):
+        for nbytes in sizes:
+            d = scratch(root, "dip")
+            r = run_worker("_dip_worker.py", str(d), "--bytes", str(nbytes))
+            results[str(nbytes)].append(r)
+            shutil.rmtree(d, ignore_errors=True)
+            print(
+                f"  dip {nbytes / MiB:.0f} MiB run {i + 1}/{repeats}: {r['busy_step'] / r['idle_step'] - 1:+.0%}",
+                flush=True,
+            )
+    return results
 
 
 def machine() -> str:
@@ -106,178 +133,82 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def write_report(data: dict[str, Any], out: Path) -> None:
-    lines = [f"Machine: {data['machine']}. Scratch directory: `{data['scratch']}` ({data['fs']}).", ""]
-    save = data["save"]
-    size = data["save_bytes"]
-    lines += [
-        f"### Save, {size / GiB:g} GiB state (16 float32 tensors), median of {data['repeats']} fresh processes",
-        "",
-        "| method | seconds | throughput | extra peak RSS | vs torch.save+fsync |",
-        "|---|---|---|---|---|",
-    ]
-    t_torch = med(save["torch"], "seconds")
-    for mode, label in (
-        ("raw", "raw write + fsync (disk limit)"),
-        ("torch", "torch.save + fsync"),
-        ("genesis", "genesis (atomic, fsync, crc32, manifest)"),
-        ("lightning", "Lightning `_atomic_save`"),
-    ):
-        if mode not in save:
-            continue
-        s = med(save[mode], "seconds")
-        rss = med(save[mode], "extra_rss")
-        lines.append(
-            f"| {label} | {s:.2f} | {size / s / MiB:.0f} MiB/s | {rss / MiB:.0f} MiB ({100 * rss / size:.0f}%) "
-            f"| {s / t_torch:.2f}x |"
+def run_section(name: str, root: Path, quick: bool) -> Any:
+    repeats = 3 if quick else 5
+    if name == "save":
+        sizes = [16 * MiB, 64 * MiB] if quick else [16 * MiB, 64 * MiB, 512 * MiB, GiB]
+        return {"repeats": repeats, "sizes": sizes, "results": [bench_save(root, s, repeats) for s in sizes]}
+    if name == "load":
+        size = 64 * MiB if quick else 256 * MiB
+        return {"repeats": repeats, "bytes": size, "results": bench_load(root, size, repeats)}
+    if name == "e2e":
+        epochs = 4 if quick else 20
+        return {
+            "repeats": 2 if quick else 3,
+            "epochs": epochs,
+            "results": bench_e2e(root, 2 if quick else 3, epochs),
+        }
+    if name == "async":
+        size = 64 * MiB if quick else 512 * MiB
+        return run_worker(
+            "_async_worker.py",
+            str(scratch(root, "async")),
+            "--bytes",
+            str(size),
+            "--saves",
+            "3" if quick else "5",
         )
-    g = med(save["genesis"], "seconds")
-    lines += [
-        "",
-        f"genesis / torch.save = **{g / t_torch:.2f}x**; Lightning / genesis = **{med(save['lightning'], 'seconds') / g:.2f}x**; "
-        f"genesis throughput / raw = **{med(save['raw'], 'seconds') / g:.2f}**.",
-        "",
-    ]
-    if "async" in data:
-        a = data["async"]
-        lines += [
-            "### Async save: time the training loop is blocked per save",
-            "",
-            f"{a['blocked']:.3f}s blocked vs {a['sync']:.3f}s for a synchronous save (**{100 * a['blocked'] / a['sync']:.0f}%**), "
-            f"median over {a['saves']} saves of {a['bytes'] / MiB:.0f} MiB.",
-            "",
-        ]
-    load = data["load"]
-    lines += [
-        f"### Load, {size / GiB:g} GiB: cold (page cache dropped) and warm, median of {data['repeats']}",
-        "",
-        "| method | cold | warm | extra peak RSS | vs the same torch.load (cold / warm) |",
-        "|---|---|---|---|---|",
-    ]
-    labels = {
-        "load-plain": "`torch.load` (no verification)",
-        "load-genesis": "genesis `store.load` (crc32-verified)",
-        "load-mmap": "`torch.load(mmap=True)` (no verification)",
-        "load-genesis-mmap": "genesis `store.load(mmap=True)` (crc32-verified)",
-    }
-    for mode, label in labels.items():
-        if mode not in load:
-            continue
-        plain = "load-mmap" if mode.endswith("mmap") else "load-plain"
-        cold, warm = med(load[mode], "seconds"), med(load[mode + "-warm"], "seconds")
-        lines.append(
-            f"| {label} | {cold:.3f} s | {warm:.3f} s | {med(load[mode], 'extra_rss') / MiB:.0f} MiB | "
-            f"{cold / med(load[plain], 'seconds'):.2f}x / {warm / med(load[plain + '-warm'], 'seconds'):.2f}x |"
-        )
-    e2e = data["e2e"]
-    base = med(e2e["none"], "seconds")
-    lines += [
-        "",
-        f"### End to end: {data['e2e_epochs']}-epoch Lightning fit, checkpoint (~{e2e['none'][0]['approx_ckpt_bytes'] / MiB:.0f} MiB) every epoch",
-        "",
-        "| configuration | seconds | overhead vs no checkpointing |",
-        "|---|---|---|",
-    ]
-    for config in e2e:
-        s = med(e2e[config], "seconds")
-        lines.append(f"| {config} | {s:.2f} | {s - base:+.2f}s ({100 * (s - base) / base:+.0f}%) |")
-    growth = data["growth"]
-    lines += [
-        "",
-        "### Growth: save time and extra peak RSS by size",
-        "",
-        "| size | " + " | ".join(growth["modes"]) + " |",
-        "|---|" + "---|" * len(growth["modes"]),
-    ]
-    for nbytes, per_mode in zip(growth["sizes"], growth["results"], strict=True):
-        cells = [
-            f"{med(per_mode[m], 'seconds'):.2f}s / {med(per_mode[m], 'extra_rss') / MiB:.0f} MiB"
-            for m in growth["modes"]
-        ]
-        lines.append(f"| {nbytes / MiB:.0f} MiB | " + " | ".join(cells) + " |")
-    out.write_text("\n".join(lines) + "\n")
+    if name == "dip":
+        sizes = [64 * MiB] if quick else [64 * MiB, 256 * MiB]
+        return {"repeats": repeats, "sizes": sizes, "results": bench_dip(root, sizes, repeats)}
+    if name == "frozen":
+        import frozen
 
+        sizes = [64, 256] if quick else [256, 1024]
+        return {"repeats": repeats, "results": frozen.run(root, sizes, repeats)}
+    if name == "transfers":
+        import transfers
 
-def plot(data: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    growth = data["growth"]
-    sizes = [s / MiB for s in growth["sizes"]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode in growth["modes"]:
-        ax1.plot(sizes, [med(r[mode], "seconds") for r in growth["results"]], marker="o", label=mode)
-        ax2.plot(sizes, [med(r[mode], "extra_rss") / MiB for r in growth["results"]], marker="o", label=mode)
-    for ax, title, ylabel in ((ax1, "save time", "seconds"), (ax2, "extra peak RSS during save", "MiB")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("checkpoint size (MiB)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+        return transfers.run(64 * MiB if quick else 256 * MiB, repeats)
+    raise SystemExit(f"unknown section {name!r}: choose from {', '.join(SECTIONS)}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes and 2 repeats: a smoke test")
+    p.add_argument("--quick", action="store_true", help="small sizes and 3 repeats: a few minutes")
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
     p.add_argument(
         "--scratch", default=str(HERE.parent / ".bench-scratch"), help="directory on the disk to test"
     )
-    p.add_argument("--out", default=str(HERE))
+    p.add_argument("--out", default=str(HERE), help="where results.{json,md,png} go")
     args = p.parse_args()
+    import report
+
     root = Path(args.scratch)
     root.mkdir(parents=True, exist_ok=True)
-    repeats = 2 if args.quick else 5
-    size = 64 * MiB if args.quick else GiB
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.json"
+    data: dict[str, Any] = {}
+    if results_file.exists() and args.only != ",".join(SECTIONS):
+        data = json.loads(results_file.read_text())  # sections not re-run keep their last results
+        if data.get("version") != report.VERSION:
+            data = {}
     fs = (
         subprocess.run(["df", "-T", str(root)], capture_output=True, text=True)
         .stdout.splitlines()[-1]
         .split()[1]
     )
-    data: dict[str, Any] = {
-        "machine": machine(),
-        "scratch": str(root),
-        "fs": fs,
-        "repeats": repeats,
-        "save_bytes": size,
-    }
-
-    print("save:", flush=True)
-    data["save"] = bench_save(root, size, ["raw", "torch", "genesis", "lightning"], repeats)
-    print("load:", flush=True)
-    data["load"] = bench_load(root, size, repeats)
-    print("end to end:", flush=True)
-    configs = ["none", "modelcheckpoint", "genesis", "genesis-async"]
-    data["e2e_epochs"] = 4 if args.quick else 20
-    data["e2e"] = bench_e2e(root, configs, 2 if args.quick else 3, data["e2e_epochs"])
-    print("async:", flush=True)
-    data["async"] = run_worker(
-        "_async_worker.py",
-        str(scratch(root, "async")),
-        "--bytes",
-        str(size // 2),
-        "--saves",
-        "3" if args.quick else "5",
-    )
-    print("growth:", flush=True)
-    sizes = [16 * MiB, 64 * MiB] if args.quick else [64 * MiB, 256 * MiB, GiB, 4 * GiB]
-    modes = ["torch", "genesis", "lightning"]
-    data["growth"] = {
-        "sizes": sizes,
-        "modes": modes,
-        "results": [bench_save(root, s, modes, 2 if args.quick else 3) for s in sizes],
-    }
+    data.update(version=report.VERSION, machine=machine(), scratch=str(root), fs=fs, quick=args.quick)
+    for name in args.only.split(","):
+        started = time.perf_counter()
+        print(f"{name}:", flush=True)
+        data[name] = run_section(name.strip(), root, args.quick)
+        data.setdefault("minutes", {})[name] = round((time.perf_counter() - started) / 60, 1)
+        results_file.write_text(json.dumps(data, indent=1))  # kept even if a later section fails
     shutil.rmtree(root, ignore_errors=True)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(data, indent=1))
-    write_report(data, out / "results.md")
-    plot(data, out / "results.png")
+    report.write(data, out / "results.md")
+    report.plot(data, out / "results.png")
     print((out / "results.md").read_text())
 
 

@@ -86,8 +86,9 @@ class FlockLock(StoreLock):
                 reason = other.lease_expired(time.time()) or "its holder is gone"
             log.warning("replacing the stale lock %s: %s", self.display, reason)
             self.took_over = True
+        # Not fsync'd: what the lock says matters only while its holder lives, and a power cut ends every
+        # holder on this host; a lock file whose content was lost is judged stale like one naming a dead pid.
         _write_fd(fd, mine.encode())
-        os.fsync(fd)
         self.info = mine
         log.debug("locked %s", self.display)
 

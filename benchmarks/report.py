@@ -1,0 +1,207 @@
+"""The tables (benchmarks/results.md) and the plot (benchmarks/results.png) of a ``make bench`` run."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+MiB = 2**20
+GiB = 2**30
+
+#: Bumped when results.json changes shape: an ``--only`` run then starts from nothing.
+VERSION = 2
+
+SAVE_LABELS = {
+    "torch": "torch.save + fsync (not atomic)",
+    "genesis": "`genesis.save`",
+    "manager": "`CheckpointManager` epoch save",
+    "callback": "callback epoch save (vs the floor of its dict)",
+    "lightning": "Lightning `_atomic_save`",
+}
+
+
+def med(rows: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(r[key] for r in rows))
+
+
+def size_label(nbytes: int) -> str:
+    return f"{nbytes / GiB:g} GiB" if nbytes >= GiB else f"{nbytes / MiB:g} MiB"
+
+
+def floor_of(mode: str) -> str:
+    # The callback saves the trainer's checkpoint dict, a little more than the raw weights: its floor is
+    # that same dict saved at the floor in the same kind of process.
+    return "callback-floor" if mode == "callback" else "floor"
+
+
+def save_tables(save: dict[str, Any]) -> list[str]:
+    sizes, results = save["sizes"], save["results"]
+    head = "| size | durable floor | " + " | ".join(SAVE_LABELS.values()) + " |"
+    rule = "|---|---|" + "---|" * len(SAVE_LABELS)
+    lines = [
+        f"### Save: wall seconds and ratio to the durable floor, median of {save['repeats']} fresh processes",
+        "",
+        head,
+        rule,
+    ]
+    for nbytes, runs in zip(sizes, results, strict=True):
+        cells = [f"{med(runs['floor'], 'seconds'):.3f} s"]
+        for mode in SAVE_LABELS:
+            s = med(runs[mode], "seconds")
+            cells.append(f"{s:.3f} s (**{s / med(runs[floor_of(mode)], 'seconds'):.2f}x**)")
+        lines.append(f"| {size_label(nbytes)} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The callback's floor is the trainer's own checkpoint dict saved at the floor in the same one-epoch fit "
+        "(`callback-floor`): "
+        + ", ".join(
+            f"{size_label(n)} {med(r['callback-floor'], 'seconds'):.3f} s"
+            for n, r in zip(sizes, results, strict=True)
+        )
+        + ".",
+        "",
+        "### Save: CPU seconds of the saving process (what the device's speed does not decide), ratio to the floor",
+        "",
+        head,
+        rule,
+    ]
+    for nbytes, runs in zip(sizes, results, strict=True):
+        cells = [f"{med(runs['floor'], 'cpu'):.3f} s"]
+        for mode in SAVE_LABELS:
+            c = med(runs[mode], "cpu")
+            cells.append(f"{c:.3f} s ({c / max(med(runs[floor_of(mode)], 'cpu'), 1e-9):.2f}x)")
+        lines.append(f"| {size_label(nbytes)} | " + " | ".join(cells) + " |")
+    lines += ["", "### Save: extra peak RSS (MiB, and % of the state)", "", head, rule]
+    for nbytes, runs in zip(sizes, results, strict=True):
+        cells = []
+        for mode in ("floor", *SAVE_LABELS):
+            rss = med(runs[mode], "extra_rss")
+            cells.append(f"{rss / MiB:.1f} ({100 * rss / nbytes:.0f}%)")
+        lines.append(f"| {size_label(nbytes)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def load_table(load: dict[str, Any]) -> list[str]:
+    results = load["results"]
+    lines = [
+        f"### Load, {size_label(load['bytes'])}: cold (page cache dropped) and warm, median of {load['repeats']}",
+        "",
+        "| method | cold | warm | extra peak RSS | vs the same torch.load (cold / warm) |",
+        "|---|---|---|---|---|",
+    ]
+    labels = {
+        "load-plain": "`torch.load` (no verification)",
+        "load-genesis": "genesis `store.load` (crc32-verified)",
+        "load-mmap": "`torch.load(mmap=True)` (no verification)",
+        "load-genesis-mmap": "genesis `store.load(mmap=True)` (crc32-verified)",
+    }
+    for mode, label in labels.items():
+        plain = "load-mmap" if mode.endswith("mmap") else "load-plain"
+        cold, warm = med(results[mode], "seconds"), med(results[mode + "-warm"], "seconds")
+        lines.append(
+            f"| {label} | {cold:.3f} s | {warm:.3f} s | {med(results[mode], 'extra_rss') / MiB:.0f} MiB | "
+            f"{cold / med(results[plain], 'seconds'):.2f}x / {warm / med(results[plain + '-warm'], 'seconds'):.2f}x |"
+        )
+    return lines
+
+
+def e2e_table(e2e: dict[str, Any]) -> list[str]:
+    results = e2e["results"]
+    base = med(results["none"], "seconds")
+    lines = [
+        f"### End to end: {e2e['epochs']}-epoch Lightning fit, checkpoint "
+        f"(~{results['none'][0]['approx_ckpt_bytes'] / MiB:.0f} MiB) every epoch, median of {e2e['repeats']}",
+        "",
+        "| configuration | seconds | overhead vs no checkpointing |",
+        "|---|---|---|",
+    ]
+    for config, rows in results.items():
+        s = med(rows, "seconds")
+        lines.append(f"| {config} | {s:.2f} | {s - base:+.2f}s ({100 * (s - base) / base:+.0f}%) |")
+    return lines
+
+
+def dip_table(dip: dict[str, Any]) -> list[str]:
+    lines = [
+        f"### Background saves: step time while a save is in flight, median of {dip['repeats']} fits",
+        "",
+        "| checkpoint | idle step | step during a background save | dip |",
+        "|---|---|---|---|",
+    ]
+    for nbytes in dip["sizes"]:
+        rows = [r for r in dip["results"][str(nbytes)] if r["busy_step"] is not None]
+        idle, busy = med(rows, "idle_step"), med(rows, "busy_step")
+        lines.append(
+            f"| {size_label(nbytes)} | {1000 * idle:.1f} ms | {1000 * busy:.1f} ms | {busy / idle - 1:+.0%} |"
+        )
+    return lines
+
+
+def write(data: dict[str, Any], out: Path) -> None:
+    lines = [
+        f"Machine: {data['machine']}. Scratch directory: `{data['scratch']}` ({data['fs']})"
+        + (" -- a `--quick` run." if data.get("quick") else "."),
+        "Minutes per section: " + ", ".join(f"{k} {v}" for k, v in data.get("minutes", {}).items()) + ".",
+        "",
+    ]
+    if "save" in data:
+        lines += [*save_tables(data["save"]), ""]
+    if "async" in data:
+        a = data["async"]
+        lines += [
+            "### Async save: time the training loop is blocked per save",
+            "",
+            f"{a['blocked']:.3f}s blocked vs {a['sync']:.3f}s for a synchronous save "
+            f"(**{100 * a['blocked'] / a['sync']:.0f}%**), median over {a['saves']} saves of {size_label(a['bytes'])}.",
+            "",
+        ]
+    if "dip" in data:
+        lines += [*dip_table(data["dip"]), ""]
+    if "load" in data:
+        lines += [*load_table(data["load"]), ""]
+    if "e2e" in data:
+        lines += [*e2e_table(data["e2e"]), ""]
+    if "frozen" in data:
+        import frozen
+
+        lines += [
+            f"### Fine-tuning checkpoints (`exclude_frozen=True`), median of {data['frozen']['repeats']}",
+            "",
+        ]
+        lines += [*frozen.table(data["frozen"]["results"]), ""]
+    if "transfers" in data:
+        import transfers
+
+        lines += [*transfers.table(data["transfers"]), ""]
+    out.write_text("\n".join(lines))
+
+
+def plot(data: dict[str, Any], out: Path) -> None:
+    if "save" not in data:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    save = data["save"]
+    sizes = [s / MiB for s in save["sizes"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in ("floor", *SAVE_LABELS):
+        secs = [med(r[mode], "seconds") for r in save["results"]]
+        ax1.plot(sizes, secs, marker="o", label=mode)
+        if mode != "floor":
+            ratios = [med(r[mode], "seconds") / med(r[floor_of(mode)], "seconds") for r in save["results"]]
+            ax2.plot(sizes, ratios, marker="o", label=mode)
+    ax2.axhline(1.10, color="grey", linestyle="--", linewidth=1, label="1.10x goal")
+    for ax, title, ylabel in ((ax1, "save time", "seconds"), (ax2, "save time / durable floor", "ratio")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("checkpoint size (MiB)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax1.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
