@@ -38,6 +38,7 @@ from fsspec.spec import AbstractBufferedFile
 
 from ..core.names import TMP_PREFIX, intent_name, intent_target, is_temp_name
 from ._faults import fault_point
+from .transfers import ConcurrentUpload
 
 __all__ = [
     "TMP_PREFIX",
@@ -265,11 +266,17 @@ class _DeferredFile(io.RawIOBase):
         if self._buffer is not None and self._buffer.tell() + len(view) <= self.limit:
             return self._buffer.write(view)
         if self._file is None:
+            assert self._buffer is not None
+            if is_s3(self.fs):
+                # Parts go up several at a time, and only CompleteMultipartUpload publishes (see .transfers).
+                self._file = ConcurrentUpload(self.fs, self.path)
+                self._file.write(self._buffer.getbuffer())
+                self._buffer = None
+                return self._file.write(view)
             # In a transaction fsspec opens files with autocommit=False: s3fs (and gcsfs, adlfs) complete
             # the upload only on commit and abort it on discard; memory:// stores the file only on commit.
             self.fs.start_transaction()
             self._file = self.fs.open(self.path, "wb")
-            assert self._buffer is not None
             self._file.write(self._buffer.getbuffer())
             self._buffer = None
         self._file.write(view)
@@ -281,11 +288,17 @@ class _DeferredFile(io.RawIOBase):
             # One request: visible whole or not at all (S3: a single PUT).
             self.fs.pipe_file(self.path, self._buffer.getvalue())
             return
+        if isinstance(self._file, ConcurrentUpload):
+            self._file.complete()  # the object appears
+            return
         self._file.close()
         self.fs.end_transaction()  # the upload completes: the object appears
 
     def abandon(self) -> None:
         if self._file is None:
+            return
+        if isinstance(self._file, ConcurrentUpload):
+            self._file.abort()  # waits for the parts in flight: none can land after the abort
             return
         _abandon(self._file)
         try:
