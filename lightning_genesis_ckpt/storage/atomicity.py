@@ -14,7 +14,7 @@ Publishing puts a file's complete bytes under its final name; *committing* is th
   complete but not yet listed is an orphan that readers ignore and the next holder of the lock sweeps (its
   intent marker proves it ours). A payload up to :data:`SINGLE_PUT_LIMIT` goes up as one PUT, visible whole
   or not at all; a larger one as a multipart upload that only a final CompleteMultipartUpload makes visible
-  (a failed one is aborted, its parts deleted).
+  (a failed one is aborted, its parts deleted). On S3 its parts go up several at a time (:mod:`.transfers`).
 
   Limitation: re-using a name (the interrupt snapshot, ``best_model.pth``) replaces the old object before
   the manifest names the new one. The transaction first writes the name's intent marker holding the new

@@ -165,6 +165,8 @@ class ConcurrentUpload:
         while sum(not t.done() for t in self._tasks) >= self.slots:
             await asyncio.wait([t for t in self._tasks if not t.done()], return_when=asyncio.FIRST_COMPLETED)
         self._raise_failed()
+        if self._done:
+            return  # aborted while this part waited for a slot (the writer was interrupted): never send it
         self._tasks.append(asyncio.ensure_future(self._upload(number, body)))
 
     async def _upload(self, number: int, body: bytearray) -> dict[str, Any]:
