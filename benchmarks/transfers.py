@@ -9,7 +9,9 @@ the table reports medians. Connections are warmed up (one small request) outside
 
 * up ``ours``: ``CheckpointStore.save`` of a state of that size: torch serialization, crc32 and the upload
   (parts in flight: s3fs's ``max_concurrency``, 10), then the manifest write that commits it.
-* up ``ours-c1``: the same with ``max_concurrency=1`` (one part at a time, as s3fs's buffered files send them).
+* up ``ours-raw``: the uploader alone: the same bytes as s3fs and boto3 send, already in memory, written in
+  32 MiB pieces into the object-store write of a save (no serialization, no checksum, no manifest).
+* up ``ours-c1``: ``ours`` with ``max_concurrency=1`` (one part at a time, as s3fs's buffered files send them).
 * up ``s3fs``: ``S3FileSystem.put_file`` of the same bytes from a local file (50 MiB parts, 10 in flight).
 * up ``boto3``: ``upload_file`` of that local file (boto3's TransferConfig: 8 MiB parts, 10 threads).
 * down ``ours``: the verified download of a load: ranged GETs in flight, crc32 checked, into a local file.
@@ -39,7 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20
 BUCKET = "genesis-bench"
-UP = ("ours", "ours-c1", "s3fs", "boto3")
+UP = ("ours", "ours-raw", "ours-c1", "s3fs", "boto3")
 DOWN = ("ours", "ours-load", "ours-c1", "s3fs", "boto3")
 #: What the moto server process runs: the tests' server, printing its endpoint, serving until killed.
 _SERVER = (
@@ -129,6 +131,18 @@ def worker(direction: str, mode: str, endpoint: str, key: str, local: str, size:
         rec = store.save("state.pth", state)
         elapsed, nbytes = time.perf_counter() - start, rec.size
         store.release_lock()
+    elif direction == "up" and mode == "ours-raw":
+        from lightning_genesis_ckpt.storage.atomicity import DeferredCommit
+
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+        fs.pipe_file(f"{BUCKET}/{key}/warmup", b"x")
+        with open(local, "rb") as f:
+            data = memoryview(f.read())  # the bytes in memory, as a state is: not timed
+        start_rss, start = _rss(), time.perf_counter()
+        with DeferredCommit(fs).open_write(f"{BUCKET}/{key}/state.pth") as out:
+            for i in range(0, len(data), 32 * MiB):  # in pieces the size of a large tensor's
+                out.write(data[i : i + 32 * MiB])
+        elapsed, nbytes = time.perf_counter() - start, len(data)
     elif direction == "up" and mode == "s3fs":
         fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
         fs.pipe_file(f"{BUCKET}/{key}/warmup", b"x")
