@@ -209,3 +209,23 @@ def test_part_size_below_the_s3_minimum_is_refused_naming_the_setting(s3: StoreT
         transfers.part_size(fs)
     default = fsspec.filesystem("s3", skip_instance_cache=True, **s3.storage_options)
     assert transfers.part_size(default) == transfers.PART_SIZE and transfers.concurrency(default) == 10
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["growing", "fixed_upload_size"])
+def test_parts_grow_so_that_a_large_checkpoint_stays_under_the_part_limit(
+    s3: StoreTarget, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, fixed: bool
+) -> None:
+    monkeypatch.setattr(transfers, "PARTS_PER_SIZE", 2)  # double every 2 parts instead of every 1,000
+    options = {**s3.storage_options, "default_block_size": PART, "fixed_upload_size": fixed}
+    mark = s3_server.mark()
+    obj = state(40)
+    record = CheckpointStore(s3.url, options).save("big.pth", obj)
+    sizes, left, n = [], record.size, 0
+    while left > 0:
+        n += 1
+        size = PART if fixed else PART << ((n - 1) // 2)  # 5, 5, 10, 10, 20 MiB...
+        sizes.append(min(size, left))
+        left -= size
+    parts = [r for r in s3_server.requests_since(mark) if "partNumber" in r.query]
+    assert len(parts) == len(sizes) == (9 if fixed else 5)
+    assert torch.equal(s3.store().load("big.pth")["b"], obj["b"])

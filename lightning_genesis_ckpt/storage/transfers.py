@@ -24,9 +24,11 @@ Two settings, both s3fs's own ``storage_options`` with the meaning s3fs gives th
 Memory: an upload holds at most ``(max_concurrency + 1) x part size`` (the parts in flight and the one being
 filled), a download at most ``max_concurrency x part size`` beyond the destination it fills: 88 MiB and
 80 MiB with the defaults. The HTTP client's copies of the parts it is sending come on top (aiohttp joins
-headers and body into one buffer per request): docs/performance.md has the measured peaks. An upload past 1,000 parts (8 GiB with the defaults) doubles its part size every
-1,000 parts, so S3's 10,000-part limit is reached only past 8 TiB (not with ``fixed_upload_size=True``, the
-s3fs option Cloudflare R2 needs; there the limit is 10,000 parts), and the bound doubles with it.
+headers and body into one buffer per request): docs/performance.md has the measured peaks.
+
+An upload past 1,000 parts (8 GiB with the defaults) doubles its part size every 1,000 parts, so S3's
+10,000-part limit is reached only past 8 TiB, and the memory bound doubles with it. Not with
+``fixed_upload_size=True`` (the s3fs option Cloudflare R2 needs): there the limit is 10,000 parts.
 """
 
 from __future__ import annotations
