@@ -250,7 +250,8 @@ class RenameCommit:
 
 class _DeferredFile(io.RawIOBase):
     """Buffers a deferred write in memory until it outgrows :data:`SINGLE_PUT_LIMIT`, then becomes an
-    upload in an fsspec transaction; :meth:`finish` publishes it, :meth:`abandon` discards it."""
+    upload (S3: a :class:`~.transfers.ConcurrentUpload`; elsewhere a file in an fsspec transaction);
+    :meth:`finish` publishes it, :meth:`abandon` discards it."""
 
     def __init__(self, fs: AbstractFileSystem, path: str, limit: int) -> None:
         super().__init__()
