@@ -14,7 +14,7 @@ Publishing puts a file's complete bytes under its final name; *committing* is th
   complete but not yet listed is an orphan that readers ignore and the next holder of the lock sweeps (its
   intent marker proves it ours). A payload up to :data:`SINGLE_PUT_LIMIT` goes up as one PUT, visible whole
   or not at all; a larger one as a multipart upload that only a final CompleteMultipartUpload makes visible
-  (a failed one is aborted, its parts deleted).
+  (a failed one is aborted, its parts deleted). On S3 its parts go up several at a time (:mod:`.transfers`).
 
   Limitation: re-using a name (the interrupt snapshot, ``best_model.pth``) replaces the old object before
   the manifest names the new one. The transaction first writes the name's intent marker holding the new
@@ -38,6 +38,7 @@ from fsspec.spec import AbstractBufferedFile
 
 from ..core.names import TMP_PREFIX, intent_name, intent_target, is_temp_name
 from ._faults import fault_point
+from .transfers import ConcurrentUpload
 
 __all__ = [
     "TMP_PREFIX",
@@ -249,7 +250,8 @@ class RenameCommit:
 
 class _DeferredFile(io.RawIOBase):
     """Buffers a deferred write in memory until it outgrows :data:`SINGLE_PUT_LIMIT`, then becomes an
-    upload in an fsspec transaction; :meth:`finish` publishes it, :meth:`abandon` discards it."""
+    upload (S3: a :class:`~.transfers.ConcurrentUpload`; elsewhere a file in an fsspec transaction);
+    :meth:`finish` publishes it, :meth:`abandon` discards it."""
 
     def __init__(self, fs: AbstractFileSystem, path: str, limit: int) -> None:
         super().__init__()
@@ -265,11 +267,17 @@ class _DeferredFile(io.RawIOBase):
         if self._buffer is not None and self._buffer.tell() + len(view) <= self.limit:
             return self._buffer.write(view)
         if self._file is None:
+            assert self._buffer is not None
+            if is_s3(self.fs):
+                # Parts go up several at a time, and only CompleteMultipartUpload publishes (see .transfers).
+                self._file = ConcurrentUpload(self.fs, self.path)
+                self._file.write(self._buffer.getbuffer())
+                self._buffer = None
+                return self._file.write(view)
             # In a transaction fsspec opens files with autocommit=False: s3fs (and gcsfs, adlfs) complete
             # the upload only on commit and abort it on discard; memory:// stores the file only on commit.
             self.fs.start_transaction()
             self._file = self.fs.open(self.path, "wb")
-            assert self._buffer is not None
             self._file.write(self._buffer.getbuffer())
             self._buffer = None
         self._file.write(view)
@@ -281,11 +289,17 @@ class _DeferredFile(io.RawIOBase):
             # One request: visible whole or not at all (S3: a single PUT).
             self.fs.pipe_file(self.path, self._buffer.getvalue())
             return
+        if isinstance(self._file, ConcurrentUpload):
+            self._file.complete()  # the object appears
+            return
         self._file.close()
         self.fs.end_transaction()  # the upload completes: the object appears
 
     def abandon(self) -> None:
         if self._file is None:
+            return
+        if isinstance(self._file, ConcurrentUpload):
+            self._file.abort()  # waits for the parts in flight: none can land after the abort
             return
         _abandon(self._file)
         try:

@@ -5,7 +5,8 @@
   the file is a zip archive), so a file renamed over the name in between changes nothing, and the load costs
   the longer of the two passes, not their sum. The object is returned only after the checksum matched.
 * **Remote files** are read once, into a spool (memory up to ``SPOOL_IN_MEMORY``, a local temporary file
-  above), checked while they stream, and loaded from the spool.
+  above), checked while they stream, and loaded from the spool. On S3 the read is several ranged GETs in
+  flight, consumed in order (see :mod:`.transfers`).
 * **Legacy (non-zip) torch files** are loaded without mmap, which torch supports only for zip archives.
 
 A failed load is :class:`~.errors.CheckpointCorruptError` only on positive evidence of damage: a size or
@@ -31,11 +32,15 @@ import torch
 
 from ..core.errors import CheckpointCorruptError, UnsafeCheckpointError
 from ..core.records import CheckpointRecord
-from . import markers, serialization
+from . import markers, serialization, transfers
+from .atomicity import is_s3
 from .location import Location
 from .serialization import READ_CHUNK, ZIP_MAGIC, MapLocation, Serializer
 
-#: Bytes per ranged GET when reading from a remote filesystem: a checkpoint of up to this size is one
+#: How many times a load reads an S3 object that is replaced while it is being read (a reused name).
+OBJECT_CHANGED_RETRIES = 3
+
+#: Bytes per ranged GET when reading from a remote filesystem other than S3: a checkpoint of up to this size is one
 #: request, and a chunk in flight is no memory concern.
 REMOTE_READ_BLOCK = 64 * 2**20
 
@@ -226,15 +231,9 @@ def fetch(
     display = loc.url_for(record.name)
     with loc.storage_errors("read", record.name):
         try:
-            f = loc.fs.open(loc.path(record.name), "rb", block_size=REMOTE_READ_BLOCK, cache_type="none")
+            size, checksum = _read_remote(loc, record, sink)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{display} is listed in the manifest but missing") from e
-        with f:
-            known = getattr(f, "size", None)
-            if isinstance(known, int) and known != record.size:
-                size, checksum = known, ""
-            else:
-                size, checksum = serialization.checksum_stream(f, sink, REMOTE_READ_BLOCK)
         if (size, checksum) != (record.size, record.checksum):
             accept(size, checksum or None)  # raises unless the name's intent marker announces these bytes
             if not checksum:  # judged by the size alone: read the bytes the marker announces, and check them
@@ -248,6 +247,35 @@ def fetch(
                 return
         if sink is not None:
             sink.seek(0)
+
+
+def _read_remote(loc: Location, record: CheckpointRecord, sink: IO[bytes] | None) -> tuple[int, str]:
+    """Size and checksum of ``record``'s remote file, read once into ``sink``; ``""`` as the checksum when
+    the size alone (from the HEAD) already differs from the record and nothing was read.
+
+    S3: ranged GETs, several in flight, of the version the HEAD saw (see :mod:`.transfers`); an object
+    replaced mid-read is read again, from its HEAD. Elsewhere: one sequential stream.
+    """
+    path = loc.path(record.name)
+    if is_s3(loc.fs):
+        for attempt in range(1, OBJECT_CHANGED_RETRIES + 1):
+            info = loc.fs.info(path, refresh=True)
+            if int(info["size"]) != record.size:
+                return int(info["size"]), ""
+            if sink is not None:
+                sink.seek(0)
+                sink.truncate()
+            try:
+                return transfers.download(loc.fs, path, record.size, info["ETag"], sink)
+            except transfers.ObjectChanged:
+                if attempt == OBJECT_CHANGED_RETRIES:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+    with loc.fs.open(path, "rb", block_size=REMOTE_READ_BLOCK, cache_type="none") as f:
+        known = getattr(f, "size", None)
+        if isinstance(known, int) and known != record.size:
+            return known, ""
+        return serialization.checksum_stream(f, sink, REMOTE_READ_BLOCK)
 
 
 def replacement_check(
