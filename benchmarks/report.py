@@ -173,7 +173,12 @@ def write(data: dict[str, Any], out: Path) -> None:
     if "transfers" in data:
         import transfers
 
-        lines += [*transfers.table(data["transfers"]), ""]
+        lines += [
+            "### S3 transfers on the loopback moto server (benchmarks/transfers.py)",
+            "",
+            transfers.table(data["transfers"]),
+            "",
+        ]
     out.write_text("\n".join(lines))
 
 
