@@ -182,6 +182,37 @@ def write(data: dict[str, Any], out: Path) -> None:
     out.write_text("\n".join(lines))
 
 
+def embed(text: str, page: Path, marker: str) -> None:
+    """Put ``text`` between ``<!-- {marker}:begin ...-->`` and ``<!-- {marker}:end -->`` in ``page``."""
+    content = page.read_text()
+    start = content.index("\n", content.index(f"<!-- {marker}:begin")) + 1
+    stop = content.index(f"<!-- {marker}:end -->")
+    page.write_text(content[:start] + "\n" + text.strip() + "\n\n" + content[stop:])
+
+
+def for_docs(results_md: str) -> str:
+    """results.md with its headings one level down, under the benchmarks page's "The last run"."""
+    return "\n".join(("#" + line if line.startswith("### ") else line) for line in results_md.splitlines())
+
+
+def readme_table(data: dict[str, Any]) -> str:
+    """The save comparison for the README: wall seconds and the ratio to the durable floor."""
+    save = data["save"]
+    modes = ("genesis", "manager", "callback", "torch", "lightning")
+    lines = [
+        "| size | durable floor | `genesis.save` | `CheckpointManager` | callback epoch save | "
+        "torch.save + fsync (not atomic) | Lightning `_atomic_save` |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for nbytes, runs in zip(save["sizes"], save["results"], strict=True):
+        cells = [f"{med(runs['floor'], 'seconds'):.3f} s"]
+        for mode in modes:
+            s = med(runs[mode], "seconds")
+            cells.append(f"{s / med(runs[floor_of(mode)], 'seconds'):.2f}x")
+        lines.append(f"| {size_label(nbytes)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(data: dict[str, Any], out: Path) -> None:
     if "save" not in data:
         return
@@ -193,12 +224,12 @@ def plot(data: dict[str, Any], out: Path) -> None:
     save = data["save"]
     sizes = [s / MiB for s in save["sizes"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode in ("floor", *SAVE_LABELS):
-        secs = [med(r[mode], "seconds") for r in save["results"]]
-        ax1.plot(sizes, secs, marker="o", label=mode)
+    for i, mode in enumerate(("floor", *SAVE_LABELS)):
+        style = {"marker": "o", "label": mode, "color": f"C{i}"}  # one colour per method in both plots
+        ax1.plot(sizes, [med(r[mode], "seconds") for r in save["results"]], **style)
         if mode != "floor":
             ratios = [med(r[mode], "seconds") / med(r[floor_of(mode)], "seconds") for r in save["results"]]
-            ax2.plot(sizes, ratios, marker="o", label=mode)
+            ax2.plot(sizes, ratios, **style)
     ax2.axhline(1.10, color="grey", linestyle="--", linewidth=1, label="1.10x goal")
     for ax, title, ylabel in ((ax1, "save time", "seconds"), (ax2, "save time / durable floor", "ratio")):
         ax.set_xscale("log", base=2)

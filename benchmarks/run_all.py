@@ -160,47 +160,54 @@ def run_section(name: str, root: Path, quick: bool) -> Any:
         )
     if name == "dip":
         sizes = [64 * MiB] if quick else [64 * MiB, 256 * MiB]
-        return {"repeats": repeats, "sizes": sizes, "results": bench_dip(root, sizes, repeats)}
+        runs = 2 if quick else repeats
+        return {"repeats": runs, "sizes": sizes, "results": bench_dip(root, sizes, runs)}
     if name == "frozen":
         import frozen
 
-        sizes = [64, 256] if quick else [256, 1024]
+        sizes = [64] if quick else [256, 1024]
         return {"repeats": repeats, "results": frozen.run(root, sizes, repeats)}
     if name == "transfers":
         import transfers
 
-        return transfers.run(64 * MiB if quick else 256 * MiB, repeats)
+        return transfers.run(64 * MiB if quick else 256 * MiB, 2 if quick else repeats)
     raise SystemExit(f"unknown section {name!r}: choose from {', '.join(SECTIONS)}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes and 3 repeats: a few minutes")
+    p.add_argument("--report", action="store_true", help="only re-render the tables from results.json")
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
     p.add_argument(
         "--scratch", default=str(HERE.parent / ".bench-scratch"), help="directory on the disk to test"
     )
-    p.add_argument("--out", default=str(HERE), help="where results.{json,md,png} go")
+    p.add_argument(
+        "--out",
+        default=str(HERE),
+        help="where results.{json,md,png} go (the default also updates docs/benchmarks.md)",
+    )
     args = p.parse_args()
     import report
 
     root = Path(args.scratch)
     root.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
     data: dict[str, Any] = {}
-    if results_file.exists() and args.only != ",".join(SECTIONS):
+    if args.report:
+        data = json.loads(results_file.read_text())
+        args.only = ""
+    elif results_file.exists() and args.only != ",".join(SECTIONS):
         data = json.loads(results_file.read_text())  # sections not re-run keep their last results
         if data.get("version") != report.VERSION:
             data = {}
-    fs = (
-        subprocess.run(["df", "-T", str(root)], capture_output=True, text=True)
-        .stdout.splitlines()[-1]
-        .split()[1]
-    )
-    data.update(version=report.VERSION, machine=machine(), scratch=str(root), fs=fs, quick=args.quick)
-    for name in args.only.split(","):
+    if args.only:
+        df = subprocess.run(["df", "-T", str(root)], capture_output=True, text=True).stdout
+        fs = df.splitlines()[-1].split()[1]
+        data.update(version=report.VERSION, machine=machine(), scratch=str(root), fs=fs, quick=args.quick)
+    for name in filter(None, args.only.split(",")):
         started = time.perf_counter()
         print(f"{name}:", flush=True)
         data[name] = run_section(name.strip(), root, args.quick)
@@ -209,6 +216,14 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     report.write(data, out / "results.md")
     report.plot(data, out / "results.png")
+    if out == HERE:  # the committed results: the docs site shows them too
+        docs = HERE.parent / "docs"
+        report.embed(report.for_docs((out / "results.md").read_text()), docs / "benchmarks.md", "results")
+        if "save" in data:
+            report.embed(report.readme_table(data), HERE.parent / "README.md", "bench")
+        if (out / "results.png").exists():
+            (docs / "images").mkdir(exist_ok=True)
+            shutil.copyfile(out / "results.png", docs / "images" / "bench-save.png")
     print((out / "results.md").read_text())
 
 

@@ -136,6 +136,35 @@ def test_a_part_failing_mid_upload_leaves_nothing_visible_and_no_upload_in_progr
         assert sent and sent[-1].method == "DELETE", [str(r) for r in sent]
 
 
+class NoAbortS3(WatchedS3):
+    """:class:`WatchedS3` whose AbortMultipartUpload fails too (the outage that failed the part goes on)."""
+
+    protocol = ("s3noabort",)
+
+    async def _call_s3(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "abort_multipart_upload":
+            raise OSError(errno.ENETUNREACH, "Network is unreachable (injected abort failure)")
+        return await super()._call_s3(method, *args, **kwargs)
+
+    call_s3 = sync_wrapper(_call_s3)
+
+
+def test_an_abort_that_fails_too_does_not_hide_the_error_of_the_save(
+    s3: StoreTarget, watched: tuple[str, dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    url, options = watched
+    fsspec.register_implementation("s3noabort", NoAbortS3, clobber=True)
+    store = CheckpointStore(url.replace("s3watched://", "s3noabort://"), options)
+    old = store.save("x.pth", {"w": torch.ones(4)})
+    WatchedS3.fail_part = 2
+    with pytest.raises(OSError, match=r"Connection reset by peer \(injected\)") as raised:
+        store.save("x.pth", state(16))
+    assert "abort failure" not in str(raised.value)
+    assert "could not abort the upload" in caplog.text and "lifecycle rule" in caplog.text
+    assert s3.store().manifest().records == {"x.pth": old}  # the committed file is untouched
+    assert torch.equal(s3.store().load("x.pth")["w"], torch.ones(4))
+
+
 def test_an_aborted_stream_sends_nothing_after_its_abort(s3: StoreTarget, s3_server: S3Server) -> None:
     fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3.storage_options, default_block_size=PART)
     path = s3.store().path("big.pth")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -36,9 +37,12 @@ from typing import IO, Any, Protocol
 from fsspec import AbstractFileSystem
 from fsspec.spec import AbstractBufferedFile
 
+from ..core.errors import is_storage_client_error
 from ..core.names import TMP_PREFIX, intent_name, intent_target, is_temp_name
 from ._faults import fault_point
 from .transfers import ConcurrentUpload
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "TMP_PREFIX",
@@ -327,12 +331,12 @@ class DeferredCommit:
         try:
             yield f  # type: ignore[misc]
         except BaseException:
-            f.abandon()
+            _abandon_keeping_the_error(f, path)
             raise
         try:
             f.finish()
         except BaseException:
-            f.abandon()
+            _abandon_keeping_the_error(f, path)
             raise
 
     def copy(self, src: str, dst: str, *, sync: bool = True, size: int | None = None) -> None:
@@ -347,6 +351,22 @@ class DeferredCommit:
 
     def sync(self, directory: str) -> None:
         """Nothing to do: an object is durable once its upload is acknowledged."""
+
+
+def _abandon_keeping_the_error(f: _DeferredFile, path: str) -> None:
+    """Abandon ``f`` after the error being raised; a failure to abort (often the same outage) is a warning,
+    never the error the caller sees: the upload stays invisible either way."""
+    try:
+        f.abandon()
+    except Exception as e:
+        if not (isinstance(e, OSError) or is_storage_client_error(e)):
+            raise
+        log.warning(
+            "could not abort the upload of %s (%s): its parts stay until the bucket's lifecycle rule for "
+            "incomplete multipart uploads removes them",
+            path,
+            e,
+        )
 
 
 def _abandon(f: Any) -> None:
