@@ -1,7 +1,7 @@
 """Run every benchmark side by side and write benchmarks/results.{md,json,png}.
 
     make bench                                          # the full run (sizes 16 MiB to 1 GiB, 5 repeats)
-    .venv/bin/python benchmarks/run_all.py --quick      # a few minutes: small sizes, 3 repeats
+    .venv/bin/python benchmarks/run_all.py --quick      # about 10 minutes: small sizes, 2-3 repeats
     .venv/bin/python benchmarks/run_all.py --only save,load   # re-run some sections, keep the others' results
 
 Sections: ``save`` (the durable floor, torch.save + fsync, Lightning, genesis.save, CheckpointManager, the
@@ -176,7 +176,7 @@ def run_section(name: str, root: Path, quick: bool) -> Any:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes and 3 repeats: a few minutes")
+    p.add_argument("--quick", action="store_true", help="small sizes, 2-3 repeats: about 10 minutes")
     p.add_argument("--report", action="store_true", help="only re-render the tables from results.json")
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
     p.add_argument(
