@@ -188,6 +188,9 @@ def main() -> None:
         help="where results.{json,md,png} go (the default also updates docs/benchmarks.md)",
     )
     args = p.parse_args()
+    unknown = [n for n in filter(None, args.only.split(",")) if n not in SECTIONS]
+    if unknown:
+        p.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     import report
 
     root = Path(args.scratch)
@@ -210,7 +213,7 @@ def main() -> None:
     for name in filter(None, args.only.split(",")):
         started = time.perf_counter()
         print(f"{name}:", flush=True)
-        data[name] = run_section(name.strip(), root, args.quick)
+        data[name] = run_section(name, root, args.quick)
         data.setdefault("minutes", {})[name] = round((time.perf_counter() - started) / 60, 1)
         results_file.write_text(json.dumps(data, indent=1))  # kept even if a later section fails
     shutil.rmtree(root, ignore_errors=True)
