@@ -90,6 +90,16 @@ class StoreTarget:
             return []
 
 
+def pending_uploads(target: StoreTarget) -> list[str]:
+    """Keys under an S3 target's prefix with a multipart upload that was neither completed nor aborted."""
+    from s3fs import S3FileSystem
+
+    prefix = target.url.removeprefix(f"s3://{BUCKET}/")
+    fs = target.fs()
+    assert isinstance(fs, S3FileSystem)
+    return [u["Key"] for u in fs.list_multipart_uploads(BUCKET) if u["Key"].startswith(prefix)]
+
+
 def make_target(request: pytest.FixtureRequest, tmp_path: Path, backend: str) -> StoreTarget:
     """A fresh, empty checkpoint directory on ``backend`` (``local``, ``memory`` or ``s3``).
 

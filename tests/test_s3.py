@@ -18,7 +18,7 @@ from typing import Any
 import fsspec
 import pytest
 import torch
-from conftest import BUCKET, StoreTarget, make_target
+from conftest import BUCKET, StoreTarget, make_target, pending_uploads
 from fsspec.asyn import sync_wrapper
 from s3fs import S3FileSystem
 from s3server import ACCESS_KEY, SECRET_KEY, S3Server
@@ -38,14 +38,6 @@ MiB = 2**20
 def s3(request: pytest.FixtureRequest, tmp_path: Path) -> StoreTarget:
     """A fresh, empty checkpoint directory on the S3 server."""
     return make_target(request, tmp_path, "s3")
-
-
-def pending_uploads(target: StoreTarget) -> list[str]:
-    """Keys under the target's prefix with a multipart upload that was neither completed nor aborted."""
-    prefix = target.url.removeprefix(f"s3://{BUCKET}/")
-    fs = target.fs()
-    assert isinstance(fs, S3FileSystem)
-    return [u["Key"] for u in fs.list_multipart_uploads(BUCKET) if u["Key"].startswith(prefix)]
 
 
 def test_commit_strategy_follows_capabilities(s3: StoreTarget) -> None:

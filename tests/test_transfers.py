@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import fsspec
 import pytest
 import torch
-from conftest import BUCKET, StoreTarget, make_target
+from conftest import StoreTarget, make_target, pending_uploads
 from fsspec.asyn import sync_wrapper
 from s3fs import S3FileSystem
 from s3server import S3Server
@@ -32,13 +32,6 @@ PART = 5 * MiB  # S3's smallest part: a few parts stay a few megabytes
 @pytest.fixture
 def s3(request: pytest.FixtureRequest, tmp_path: Path) -> StoreTarget:
     return make_target(request, tmp_path, "s3")
-
-
-def pending_uploads(target: StoreTarget) -> list[str]:
-    prefix = target.url.removeprefix(f"s3://{BUCKET}/")
-    fs = target.fs()
-    assert isinstance(fs, S3FileSystem)
-    return [u["Key"] for u in fs.list_multipart_uploads(BUCKET) if u["Key"].startswith(prefix)]
 
 
 class WatchedS3(S3FileSystem):

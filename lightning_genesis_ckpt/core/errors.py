@@ -6,6 +6,7 @@ Every error names the file or setting it is about and says what to do next.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Collection
 
 
 class GenesisCheckpointError(Exception):
@@ -97,3 +98,18 @@ STORAGE_CLIENT_PACKAGES = ("botocore", "aiobotocore", "google", "azure", "gcsfs"
 def is_storage_client_error(error: BaseException) -> bool:
     """Whether ``error`` comes from an object-store client library rather than from this library or torch."""
     return any(cls.__module__.split(".")[0] in STORAGE_CLIENT_PACKAGES for cls in type(error).__mro__)
+
+
+def store_answered(error: BaseException, codes: Collection[str], statuses: Collection[int]) -> bool:
+    """Whether an object store answered one of ``codes`` (S3 error codes) or HTTP ``statuses``, anywhere
+    along ``error``'s cause chain (s3fs wraps the client's error in an ``OSError``)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in codes or status in statuses:
+                return True
+        cause = cause.__cause__
+    return False

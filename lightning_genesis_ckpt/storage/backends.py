@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import fsspec.asyn
 from fsspec import AbstractFileSystem
 
+from ..core.errors import store_answered
 from ._faults import fault_point
 from .atomicity import RenameCommit, fsync_directory, is_posix_local, is_s3, temp_name
 
@@ -72,16 +73,7 @@ class ObjectIO(Protocol):
 
 # -------------------------------------------------------------------------------------------------- S3
 def _precondition_failed(error: BaseException) -> bool:
-    cause: BaseException | None = error
-    while cause is not None:
-        response = getattr(cause, "response", None)
-        if isinstance(response, dict):
-            code = str(response.get("Error", {}).get("Code", ""))
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
-                return True
-        cause = cause.__cause__
-    return False
+    return store_answered(error, ("PreconditionFailed", "ConditionalRequestConflict"), (409, 412))
 
 
 class S3ObjectIO:

@@ -39,6 +39,7 @@ from typing import IO, Any
 
 import fsspec.asyn
 
+from ..core.errors import store_answered
 from . import progress
 from .checksums import crc32, format_checksum
 
@@ -229,7 +230,7 @@ def download(
                 "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end}", IfMatch=etag
             )
         except OSError as e:
-            if _is_precondition(e):
+            if store_answered(e, ("PreconditionFailed",), (412,)):
                 raise ObjectChanged(f"{path} was replaced while it was being read") from e
             raise
         body = response["Body"]
@@ -272,16 +273,3 @@ def download(
         if pending:
             run(cancel)
     return got, format_checksum(crc)
-
-
-def _is_precondition(error: BaseException) -> bool:
-    cause: BaseException | None = error
-    while cause is not None:
-        response = getattr(cause, "response", None)
-        if isinstance(response, dict):
-            code = str(response.get("Error", {}).get("Code", ""))
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code == "PreconditionFailed" or status == 412:
-                return True
-        cause = cause.__cause__
-    return False
