@@ -34,14 +34,14 @@ An upload past 1,000 parts (8 GiB with the defaults) doubles its part size every
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import fsspec.asyn
 
 from ..core.errors import store_answered
-from . import progress
-from .checksums import crc32, format_checksum
+from . import serialization
 
 MiB = 2**20
 #: The part size when ``storage_options`` gives no ``default_block_size``: boto3's, small enough that ten
@@ -219,7 +219,6 @@ def download(
     step = chunk_size or part_size(fs)
     slots = concurrency(fs)
     bucket, key, _ = fs.split_path(path)
-    meter = progress.current()
     pending: list[asyncio.Future[bytes]] = []
     offsets = iter(range(0, size, step))
 
@@ -257,19 +256,24 @@ def download(
         await asyncio.gather(*pending, return_exceptions=True)
 
     run: Callable[[Any], Any] = lambda make: fsspec.asyn.sync(fs.loop, make)  # noqa: E731
-    crc, got = 0, 0
+
+    class Ranges(io.RawIOBase):
+        """The ranges in order, as a stream for :func:`.serialization.checksum_stream` (ends early if short)."""
+
+        got = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def read(self, n: int = -1) -> bytes:
+            if self.got >= size:
+                return b""
+            data: bytes = run(next_range)
+            self.got += len(data)
+            return data  # empty when shorter than its HEAD said: the size check names it
+
     try:
-        while got < size:
-            data = run(next_range)
-            if not data:
-                break  # shorter than its HEAD said: the size check names it
-            crc = crc32(data, crc)
-            got += len(data)
-            if sink is not None:
-                sink.write(data)
-            if meter is not None:
-                meter.add(len(data))
+        return serialization.checksum_stream(cast(IO[bytes], Ranges()), sink)
     finally:
         if pending:
             run(cancel)
-    return got, format_checksum(crc)
