@@ -37,49 +37,50 @@ def floor_of(mode: str) -> str:
 
 def save_tables(save: dict[str, Any]) -> list[str]:
     sizes, results = save["sizes"], save["results"]
-    head = "| size | durable floor | " + " | ".join(SAVE_LABELS.values()) + " |"
-    rule = "|---|---|" + "---|" * len(SAVE_LABELS)
-    lines = [
-        f"### Save: wall seconds and ratio to the durable floor, median of {save['repeats']} fresh processes",
-        "",
-        head,
-        rule,
-    ]
-    for nbytes, runs in zip(sizes, results, strict=True):
-        cells = [f"{med(runs['floor'], 'seconds'):.3f} s"]
-        for mode in SAVE_LABELS:
-            s = med(runs[mode], "seconds")
-            cells.append(f"{s:.3f} s (**{s / med(runs[floor_of(mode)], 'seconds'):.2f}x**)")
-        lines.append(f"| {size_label(nbytes)} | " + " | ".join(cells) + " |")
-    lines += [
+    modes = ("floor", *SAVE_LABELS)
+
+    def table(title: str, cell: Any) -> list[str]:
+        """``title``, then one row per size with ``cell(runs, mode, nbytes)`` for every method."""
+        lines = [title, "", "| size | durable floor | " + " | ".join(SAVE_LABELS.values()) + " |"]
+        lines.append("|---|" + "---|" * len(modes))
+        for nbytes, runs in zip(sizes, results, strict=True):
+            cells = [cell(runs, mode, nbytes) for mode in modes]
+            lines.append(f"| {size_label(nbytes)} | " + " | ".join(cells) + " |")
+        return lines
+
+    def timed(key: str, fmt: str) -> Any:
+        def cell(runs: dict[str, list[dict[str, Any]]], mode: str, nbytes: int) -> str:
+            t = med(runs[mode], key)
+            if mode == "floor":
+                return f"{t:.3f} s"
+            return f"{t:.3f} s ({fmt.format(t / max(med(runs[floor_of(mode)], key), 1e-9))})"
+
+        return cell
+
+    def rss(runs: dict[str, list[dict[str, Any]]], mode: str, nbytes: int) -> str:
+        extra = med(runs[mode], "extra_rss")
+        return f"{extra / MiB:.1f} ({100 * extra / nbytes:.0f}%)"
+
+    callback_floors = ", ".join(
+        f"{size_label(n)} {med(r['callback-floor'], 'seconds'):.3f} s"
+        for n, r in zip(sizes, results, strict=True)
+    )
+    return [
+        *table(
+            f"### Save: wall seconds and ratio to the durable floor, median of {save['repeats']} fresh processes",
+            timed("seconds", "**{:.2f}x**"),
+        ),
         "",
         "The callback's floor is the trainer's own checkpoint dict saved at the floor in the same one-epoch fit "
-        "(`callback-floor`): "
-        + ", ".join(
-            f"{size_label(n)} {med(r['callback-floor'], 'seconds'):.3f} s"
-            for n, r in zip(sizes, results, strict=True)
-        )
-        + ".",
+        f"(`callback-floor`): {callback_floors}.",
         "",
-        "### Save: CPU seconds of the saving process (what the device's speed does not decide), ratio to the floor",
+        *table(
+            "### Save: CPU seconds of the saving process (what the device's speed does not decide), ratio to the floor",
+            timed("cpu", "{:.2f}x"),
+        ),
         "",
-        head,
-        rule,
+        *table("### Save: extra peak RSS (MiB, and % of the state)", rss),
     ]
-    for nbytes, runs in zip(sizes, results, strict=True):
-        cells = [f"{med(runs['floor'], 'cpu'):.3f} s"]
-        for mode in SAVE_LABELS:
-            c = med(runs[mode], "cpu")
-            cells.append(f"{c:.3f} s ({c / max(med(runs[floor_of(mode)], 'cpu'), 1e-9):.2f}x)")
-        lines.append(f"| {size_label(nbytes)} | " + " | ".join(cells) + " |")
-    lines += ["", "### Save: extra peak RSS (MiB, and % of the state)", "", head, rule]
-    for nbytes, runs in zip(sizes, results, strict=True):
-        cells = []
-        for mode in ("floor", *SAVE_LABELS):
-            rss = med(runs[mode], "extra_rss")
-            cells.append(f"{rss / MiB:.1f} ({100 * rss / nbytes:.0f}%)")
-        lines.append(f"| {size_label(nbytes)} | " + " | ".join(cells) + " |")
-    return lines
 
 
 def load_table(load: dict[str, Any]) -> list[str]:
