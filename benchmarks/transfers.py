@@ -20,13 +20,18 @@ the table reports medians. Connections are warmed up (one small request) outside
 * down ``s3fs`` / ``boto3``: ``get_file`` / ``download_file`` into a local file.
 
 Extra peak RSS is the process's peak resident memory during the transfer (``VmHWM``, reset right before it)
-minus its resident memory right before it (the state to save is already in memory then). Nothing here is a pass/fail test.
+minus its resident memory right before it (the state to save is already in memory then). Server CPU is the
+moto process's user + system CPU time over the worker's whole run (its warm-up requests are tiny): on loopback
+it is close to the transfer's wall time, i.e. the Python server, not the client, bounds every method's
+throughput here, and the methods differ mostly in how much server work their requests cause. Nothing here is a
+pass/fail test.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import statistics
@@ -209,6 +214,13 @@ def _run_worker(*args: str) -> dict[str, Any]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux: ``/proc/PID/stat`` fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _start_server() -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-c", _SERVER, str(ROOT / "tests")], stdout=subprocess.PIPE, text=True
@@ -247,6 +259,8 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, float]:
         "seconds": seconds,
         "MiB_per_s": nbytes / MiB / seconds,
         "extra_rss_MiB": statistics.median(r["extra_rss"] for r in runs) / MiB,
+        # Results written before the server's CPU time was recorded have none: NaN, shown as "-".
+        "server_cpu": statistics.median(r.get("server_cpu", math.nan) for r in runs),
     }
 
 
@@ -274,12 +288,16 @@ def run(size_bytes: int, repeats: int) -> dict[str, Any]:
             for i in range(repeats):
                 for m in UP:
                     key = f"up-{uuid.uuid4().hex[:8]}"
+                    before = _cpu_seconds(server.pid)
                     r = _run_worker("up", m, endpoint, key, source, str(size_bytes))
+                    r["server_cpu"] = _cpu_seconds(server.pid) - before
                     _remove(endpoint, key)
                     runs[f"up {m}"].append(r)
                     print(f"  run {i + 1}/{repeats} up {m}: {r['seconds']:.2f}s", flush=True)
                 for m in DOWN:
+                    before = _cpu_seconds(server.pid)
                     r = _run_worker("down", m, endpoint, "ref", sink, str(size_bytes))
+                    r["server_cpu"] = _cpu_seconds(server.pid) - before
                     os.remove(sink) if os.path.exists(sink) else None
                     runs[f"down {m}"].append(r)
                     print(f"  run {i + 1}/{repeats} down {m}: {r['seconds']:.2f}s", flush=True)
@@ -299,16 +317,18 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['size'] / MiB:.0f} MiB, medians of {result['repeats']}:",
         "",
-        "| transfer | method | seconds | MiB/s | vs boto3 | extra peak RSS |",
-        "|---|---|---|---|---|---|",
+        "| transfer | method | seconds | MiB/s | vs boto3 | extra peak RSS | server CPU s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for direction, modes in (("up", UP), ("down", DOWN)):
         boto = med[f"{direction} boto3"]["MiB_per_s"]
         for m in modes:
             s = med[f"{direction} {m}"]
+            server = s.get("server_cpu", math.nan)
             lines.append(
                 f"| {direction} | {m} | {s['seconds']:.2f} | {s['MiB_per_s']:.0f} | "
-                f"{s['MiB_per_s'] / boto:.2f}x | {s['extra_rss_MiB']:.0f} MiB |"
+                f"{s['MiB_per_s'] / boto:.2f}x | {s['extra_rss_MiB']:.0f} MiB | "
+                f"{'-' if math.isnan(server) else f'{server:.2f}'} |"
             )
     return "\n".join(lines)
 
