@@ -221,6 +221,14 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _run_measured(server: subprocess.Popen[str], *args: str) -> dict[str, Any]:
+    """:func:`_run_worker`, with the server's CPU seconds over that run added as ``server_cpu``."""
+    before = _cpu_seconds(server.pid)
+    result = _run_worker(*args)
+    result["server_cpu"] = _cpu_seconds(server.pid) - before
+    return result
+
+
 def _start_server() -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-c", _SERVER, str(ROOT / "tests")], stdout=subprocess.PIPE, text=True
@@ -288,17 +296,14 @@ def run(size_bytes: int, repeats: int) -> dict[str, Any]:
             for i in range(repeats):
                 for m in UP:
                     key = f"up-{uuid.uuid4().hex[:8]}"
-                    before = _cpu_seconds(server.pid)
-                    r = _run_worker("up", m, endpoint, key, source, str(size_bytes))
-                    r["server_cpu"] = _cpu_seconds(server.pid) - before
+                    r = _run_measured(server, "up", m, endpoint, key, source, str(size_bytes))
                     _remove(endpoint, key)
                     runs[f"up {m}"].append(r)
                     print(f"  run {i + 1}/{repeats} up {m}: {r['seconds']:.2f}s", flush=True)
                 for m in DOWN:
-                    before = _cpu_seconds(server.pid)
-                    r = _run_worker("down", m, endpoint, "ref", sink, str(size_bytes))
-                    r["server_cpu"] = _cpu_seconds(server.pid) - before
-                    os.remove(sink) if os.path.exists(sink) else None
+                    r = _run_measured(server, "down", m, endpoint, "ref", sink, str(size_bytes))
+                    if os.path.exists(sink):
+                        os.remove(sink)
                     runs[f"down {m}"].append(r)
                     print(f"  run {i + 1}/{repeats} down {m}: {r['seconds']:.2f}s", flush=True)
     finally:
