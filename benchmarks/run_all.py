@@ -3,6 +3,7 @@
     make bench                                          # the full run (sizes 16 MiB to 1 GiB, 5 repeats)
     .venv/bin/python benchmarks/run_all.py --quick      # about 10 minutes: small sizes, 2-3 repeats
     .venv/bin/python benchmarks/run_all.py --only save,load   # re-run some sections, keep the others' results
+    .venv/bin/python benchmarks/run_all.py --only save --sizes 64,512 --repeats 15 --out /tmp/saves
 
 Sections: ``save`` (the durable floor, torch.save + fsync, Lightning, genesis.save, CheckpointManager, the
 callback's epoch save and the floor of that same checkpoint dict), ``load`` (verified against plain
@@ -133,20 +134,25 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def run_section(name: str, root: Path, quick: bool) -> Any:
-    repeats = 3 if quick else 5
+def run_section(
+    name: str, root: Path, quick: bool, runs: int | None = None, save_sizes: list[int] | None = None
+) -> Any:
+    """One section's results. ``runs`` overrides every section's repeat count, ``save_sizes`` the save sizes."""
+    repeats = runs or (3 if quick else 5)
+    few = runs or (2 if quick else 5)  # the slow sections' count: dip, transfers
     if name == "save":
-        sizes = [16 * MiB, 64 * MiB] if quick else [16 * MiB, 64 * MiB, 512 * MiB, GiB]
+        sizes = save_sizes or ([16 * MiB, 64 * MiB] if quick else [16 * MiB, 64 * MiB, 512 * MiB, GiB])
         return {"repeats": repeats, "sizes": sizes, "results": [bench_save(root, s, repeats) for s in sizes]}
     if name == "load":
         size = 64 * MiB if quick else 256 * MiB
         return {"repeats": repeats, "bytes": size, "results": bench_load(root, size, repeats)}
     if name == "e2e":
         epochs = 4 if quick else 20
+        e2e_repeats = runs or (2 if quick else 3)
         return {
-            "repeats": 2 if quick else 3,
+            "repeats": e2e_repeats,
             "epochs": epochs,
-            "results": bench_e2e(root, 2 if quick else 3, epochs),
+            "results": bench_e2e(root, e2e_repeats, epochs),
         }
     if name == "async":
         size = 64 * MiB if quick else 512 * MiB
@@ -156,12 +162,11 @@ def run_section(name: str, root: Path, quick: bool) -> Any:
             "--bytes",
             str(size),
             "--saves",
-            "3" if quick else "5",
+            str(repeats),
         )
     if name == "dip":
         sizes = [64 * MiB] if quick else [64 * MiB, 256 * MiB]
-        runs = 2 if quick else repeats
-        return {"repeats": runs, "sizes": sizes, "results": bench_dip(root, sizes, runs)}
+        return {"repeats": few, "sizes": sizes, "results": bench_dip(root, sizes, few)}
     if name == "frozen":
         import frozen
 
@@ -170,7 +175,7 @@ def run_section(name: str, root: Path, quick: bool) -> Any:
     if name == "transfers":
         import transfers
 
-        return transfers.run(64 * MiB if quick else 256 * MiB, 2 if quick else repeats)
+        return transfers.run(64 * MiB if quick else 256 * MiB, few)
     raise SystemExit(f"unknown section {name!r}: choose from {', '.join(SECTIONS)}")
 
 
@@ -179,6 +184,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small sizes, 2-3 repeats: about 10 minutes")
     p.add_argument("--report", action="store_true", help="only re-render the tables from results.json")
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
+    p.add_argument("--repeats", type=int, help="runs of every method (default 5, --quick 2-3)")
+    p.add_argument("--sizes", help="save sizes in MiB, comma-separated (default 16,64,512,1024)")
     p.add_argument(
         "--scratch", default=str(HERE.parent / ".bench-scratch"), help="directory on the disk to test"
     )
@@ -191,6 +198,12 @@ def main() -> None:
     unknown = [n for n in filter(None, args.only.split(",")) if n not in SECTIONS]
     if unknown:
         p.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    try:
+        sizes = [int(m) * MiB for m in args.sizes.split(",")] if args.sizes else None
+    except ValueError:
+        p.error(f"--sizes {args.sizes!r}: give sizes in MiB, comma-separated, e.g. 64,512")
+    if args.repeats is not None and args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: give at least 1")
     import report
 
     root = Path(args.scratch)
@@ -213,7 +226,7 @@ def main() -> None:
     for name in filter(None, args.only.split(",")):
         started = time.perf_counter()
         print(f"{name}:", flush=True)
-        data[name] = run_section(name, root, args.quick)
+        data[name] = run_section(name, root, args.quick, args.repeats, sizes)
         data.setdefault("minutes", {})[name] = round((time.perf_counter() - started) / 60, 1)
         results_file.write_text(json.dumps(data, indent=1))  # kept even if a later section fails
     shutil.rmtree(root, ignore_errors=True)
