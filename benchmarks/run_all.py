@@ -38,7 +38,18 @@ GiB = 2**30
 
 SAVE_MODES = ("floor", "torch", "genesis", "manager", "callback", "callback-floor", "lightning")
 LOAD_MODES = ("load-plain", "load-genesis", "load-mmap", "load-genesis-mmap")
-SECTIONS = ("save", "load", "e2e", "async", "dip", "frozen", "transfers")
+#: Each section, in the order they run, with its fresh processes (for ``async``: saves) per method as
+#: (with --quick, without); the module docstring says why saves get 15.
+REPEATS = {
+    "save": (3, 15),
+    "load": (3, 5),
+    "e2e": (2, 3),
+    "async": (3, 5),
+    "dip": (2, 5),
+    "frozen": (3, 5),
+    "transfers": (2, 5),
+}
+SECTIONS = tuple(REPEATS)
 
 
 def run_worker(script: str, *args: str) -> dict[str, Any]:
@@ -139,24 +150,17 @@ def machine() -> str:
 def run_section(
     name: str, root: Path, quick: bool, runs: int | None = None, save_sizes: list[int] | None = None
 ) -> Any:
-    """One section's results. ``runs`` overrides every section's repeat count, ``save_sizes`` the save sizes."""
-    repeats = runs or (3 if quick else 5)
-    few = runs or (2 if quick else 5)  # the slow sections' count: dip, transfers
+    """One section's results. ``runs`` overrides its repeat count (REPEATS), ``save_sizes`` the save sizes."""
+    repeats = runs or REPEATS[name][0 if quick else 1]
     if name == "save":
         sizes = save_sizes or ([16 * MiB, 64 * MiB] if quick else [16 * MiB, 64 * MiB, 512 * MiB, GiB])
-        saves = runs or (3 if quick else 15)
-        return {"repeats": saves, "sizes": sizes, "results": [bench_save(root, s, saves) for s in sizes]}
+        return {"repeats": repeats, "sizes": sizes, "results": [bench_save(root, s, repeats) for s in sizes]}
     if name == "load":
         size = 64 * MiB if quick else 256 * MiB
         return {"repeats": repeats, "bytes": size, "results": bench_load(root, size, repeats)}
     if name == "e2e":
         epochs = 4 if quick else 20
-        e2e_repeats = runs or (2 if quick else 3)
-        return {
-            "repeats": e2e_repeats,
-            "epochs": epochs,
-            "results": bench_e2e(root, e2e_repeats, epochs),
-        }
+        return {"repeats": repeats, "epochs": epochs, "results": bench_e2e(root, repeats, epochs)}
     if name == "async":
         size = 64 * MiB if quick else 512 * MiB
         return run_worker(
@@ -169,7 +173,7 @@ def run_section(
         )
     if name == "dip":
         sizes = [64 * MiB] if quick else [64 * MiB, 256 * MiB]
-        return {"repeats": few, "sizes": sizes, "results": bench_dip(root, sizes, few)}
+        return {"repeats": repeats, "sizes": sizes, "results": bench_dip(root, sizes, repeats)}
     if name == "frozen":
         import frozen
 
@@ -178,7 +182,7 @@ def run_section(
     if name == "transfers":
         import transfers
 
-        return transfers.run(64 * MiB if quick else 256 * MiB, few)
+        return transfers.run(64 * MiB if quick else 256 * MiB, repeats)
     raise SystemExit(f"unknown section {name!r}: choose from {', '.join(SECTIONS)}")
 
 
@@ -208,7 +212,9 @@ def main() -> None:
     try:
         sizes = [int(m) * MiB for m in args.sizes.split(",")] if args.sizes else None
     except ValueError:
-        p.error(f"--sizes {args.sizes!r}: give sizes in MiB, comma-separated, e.g. 64,512")
+        sizes = [0]
+    if sizes is not None and min(sizes) < 1:
+        p.error(f"--sizes {args.sizes!r}: give positive sizes in MiB, comma-separated, e.g. 64,512")
     if args.repeats is not None and args.repeats < 1:
         p.error(f"--repeats {args.repeats}: give at least 1")
     import report
