@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/run_all.py --only save,load   # re-run some sections, keep the others' results
     .venv/bin/python benchmarks/run_all.py --only save --sizes 64,512 --repeats 15 --out /tmp/saves
 
-Sections: ``save`` (the durable floor, torch.save + fsync, Lightning, genesis.save, CheckpointManager, the
+Sections: ``save`` (the durable floor, the floor + a small manifest write, torch.save + fsync, Lightning, genesis.save, CheckpointManager, the
 callback's epoch save and the floor of that same checkpoint dict), ``load`` (verified against plain
 torch.load, cold and warm), ``e2e`` (a Lightning fit against ModelCheckpoint), ``async`` (time a background
 save blocks the loop), ``dip`` (step time while a background save is in flight), ``frozen`` (fine-tuning
@@ -36,7 +36,16 @@ HERE = Path(__file__).resolve().parent
 MiB = 2**20
 GiB = 2**30
 
-SAVE_MODES = ("floor", "torch", "genesis", "manager", "callback", "callback-floor", "lightning")
+SAVE_MODES = (
+    "floor",
+    "floor-manifest",
+    "torch",
+    "genesis",
+    "manager",
+    "callback",
+    "callback-floor",
+    "lightning",
+)
 LOAD_MODES = ("load-plain", "load-genesis", "load-mmap", "load-genesis-mmap")
 #: Each section, in the order they run, with its fresh processes (for ``async``: saves) per method as
 #: (with --quick, without); the module docstring says why saves get 15.
