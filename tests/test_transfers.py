@@ -251,3 +251,29 @@ def test_parts_grow_so_that_a_large_checkpoint_stays_under_the_part_limit(
     parts = [r for r in s3_server.requests_since(mark) if "partNumber" in r.query]
     assert len(parts) == len(sizes) == (9 if fixed else 5)
     assert torch.equal(s3.store().load("big.pth")["b"], obj["b"])
+
+
+@pytest.mark.parametrize("calculation", ["when_supported", "when_required"])
+def test_an_upload_declares_the_parts_crc32_unless_the_client_computes_only_required_checksums(
+    s3: StoreTarget, s3_server: S3Server, calculation: str
+) -> None:
+    # As boto3's transfer manager: the server checks each part's CRC32 and keeps their composite, instead of
+    # computing a full-object checksum of its own at completion. A client set to "when_required" (for stores
+    # that reject checksums) gets no checksum named on its behalf.
+    options = {
+        **s3.storage_options,
+        "default_block_size": PART,
+        "config_kwargs": {"request_checksum_calculation": calculation},
+    }
+    obj = state(12)
+    mark = s3_server.mark()
+    CheckpointStore(s3.url, options).save("big.pth", obj)
+    assert sum("partNumber" in r.query for r in s3_server.requests_since(mark)) == 3
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+    bucket, key, _ = fs.split_path(s3.store().path("big.pth"))
+    head = fs.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    if calculation == "when_supported":
+        assert "ChecksumCRC32" in head and "ChecksumCRC64NVME" not in head, sorted(head)
+    else:
+        assert "ChecksumCRC32" not in head, head
+    assert torch.equal(s3.store().load("big.pth")["a"], obj["a"])
