@@ -5,11 +5,11 @@
     .venv/bin/python benchmarks/run_all.py --only save,load   # re-run some sections, keep the others' results
     .venv/bin/python benchmarks/run_all.py --only save --sizes 64,512 --repeats 15 --out /tmp/saves
 
-Sections: ``save`` (the durable floor, the floor + a small manifest write, torch.save + fsync, Lightning, genesis.save, CheckpointManager, the
-callback's epoch save and the floor of that same checkpoint dict), ``load`` (verified against plain
-torch.load, cold and warm), ``e2e`` (a Lightning fit against ModelCheckpoint), ``async`` (time a background
-save blocks the loop), ``dip`` (step time while a background save is in flight), ``frozen`` (fine-tuning
-checkpoints) and ``transfers`` (S3 upload and download against s3fs and boto3 on a loopback server).
+Sections: ``save`` (the durable floor, the floor + a small manifest write, torch.save + fsync, Lightning,
+genesis.save, CheckpointManager, the callback's epoch save and the floor of that same checkpoint dict),
+``load`` (verified against plain torch.load, cold and warm), ``e2e`` (a Lightning fit against
+ModelCheckpoint), ``async`` (time a background save blocks the loop), ``dip`` (step time while a background
+save is in flight), ``frozen`` (fine-tuning checkpoints) and ``transfers`` (S3 upload and download against s3fs and boto3 on a loopback server).
 
 Every measurement runs in a fresh process, methods are interleaved run by run (so drift in disk or CPU load
 hits all of them alike), and the tables report medians: of 15 processes per method and size for saves (on a

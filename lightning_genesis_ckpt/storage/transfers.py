@@ -86,8 +86,8 @@ def checksum_args(fs: Any) -> dict[str, str]:
 
     Named at creation, the server checks each part's CRC32 on arrival and the object's checksum is the
     composite of the parts' (CompleteMultipartUpload gives them back). Without it S3 computes a full-object
-    CRC64NVME of its own at completion, which costs a Python server such as moto more than receiving the
-    parts did (on loopback it halved the upload's throughput).
+    CRC64NVME of its own at completion; on the loopback moto server that was about 40% of its CPU per upload
+    (docs/performance.md).
     """
     config = getattr(getattr(fs.connect(), "meta", None), "config", None)
     if getattr(config, "request_checksum_calculation", "when_supported") == "when_required":
