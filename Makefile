@@ -38,7 +38,7 @@ test: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-# Every benchmark side by side, into benchmarks/results.{md,json,png} (about 70 minutes on 2 cores); bench-quick
+# Every benchmark side by side, into benchmarks/results.{md,json,png} (about 75 minutes on 2 cores); bench-quick
 # is the reviewers' smoke run (small sizes, 2-3 repeats: about 10 minutes), written to .bench-quick/.
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -9,7 +9,8 @@ Sections: ``save`` (the durable floor, the floor + a small manifest write, torch
 genesis.save, CheckpointManager, the callback's epoch save and the floor of that same checkpoint dict),
 ``load`` (verified against plain torch.load, cold and warm), ``e2e`` (a Lightning fit against
 ModelCheckpoint), ``async`` (time a background save blocks the loop), ``dip`` (step time while a background
-save is in flight), ``frozen`` (fine-tuning checkpoints) and ``transfers`` (S3 upload and download against s3fs and boto3 on a loopback server).
+save is in flight), ``frozen`` (fine-tuning checkpoints) and ``transfers`` (S3 upload and download against
+s3fs and boto3 on a loopback server).
 
 Every measurement runs in a fresh process, methods are interleaved run by run (so drift in disk or CPU load
 hits all of them alike), and the tables report medians: of 15 processes per method and size for saves (on a
@@ -195,6 +196,19 @@ def run_section(
     raise SystemExit(f"unknown section {name!r}: choose from {', '.join(SECTIONS)}")
 
 
+def mib_list(text: str) -> list[int]:
+    """``--sizes``: positive sizes in MiB, comma-separated, as bytes."""
+    try:
+        sizes = [int(m) * MiB for m in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give positive sizes in MiB, comma-separated, e.g. 64,512"
+        )
+    return sizes
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, 2-3 repeats: about 10 minutes")
@@ -205,7 +219,11 @@ def main() -> None:
         type=int,
         help="runs of every method in every section (default: 15 for saves, 3-5 for the rest; --quick 2-3)",
     )
-    p.add_argument("--sizes", help="save sizes in MiB, comma-separated (default 16,64,512,1024)")
+    p.add_argument(
+        "--sizes",
+        type=mib_list,
+        help="save sizes in MiB, comma-separated (default 16,64,512,1024)",
+    )
     p.add_argument(
         "--scratch", default=str(HERE.parent / ".bench-scratch"), help="directory on the disk to test"
     )
@@ -218,12 +236,6 @@ def main() -> None:
     unknown = [n for n in filter(None, args.only.split(",")) if n not in SECTIONS]
     if unknown:
         p.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    try:
-        sizes = [int(m) * MiB for m in args.sizes.split(",")] if args.sizes else None
-    except ValueError:
-        sizes = [0]
-    if sizes is not None and min(sizes) < 1:
-        p.error(f"--sizes {args.sizes!r}: give positive sizes in MiB, comma-separated, e.g. 64,512")
     if args.repeats is not None and args.repeats < 1:
         p.error(f"--repeats {args.repeats}: give at least 1")
     import report
@@ -248,7 +260,7 @@ def main() -> None:
     for name in filter(None, args.only.split(",")):
         started = time.perf_counter()
         print(f"{name}:", flush=True)
-        data[name] = run_section(name, root, args.quick, args.repeats, sizes)
+        data[name] = run_section(name, root, args.quick, args.repeats, args.sizes)
         data.setdefault("minutes", {})[name] = round((time.perf_counter() - started) / 60, 1)
         results_file.write_text(json.dumps(data, indent=1))  # kept even if a later section fails
     shutil.rmtree(root, ignore_errors=True)

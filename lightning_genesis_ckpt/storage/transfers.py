@@ -143,9 +143,15 @@ class ConcurrentUpload:
         if self._part or self._number == 0:
             self._send(last=True)
         results = self._run(self._gather())
-        member = "Checksum" + CHECKSUM_ALGORITHM  # the part's checksum, as its UploadPart answer gave it
+        # Each part's checksum as its UploadPart answer gave it, only where the upload declared one: S3 checks
+        # the list against the algorithm named at creation.
+        member = "Checksum" + CHECKSUM_ALGORITHM
         parts = [
-            {"PartNumber": n, "ETag": r["ETag"], **({member: r[member]} if member in r else {})}
+            {
+                "PartNumber": n,
+                "ETag": r["ETag"],
+                **({member: r[member]} if self._checksum and member in r else {}),
+            }
             for n, r in enumerate(results, 1)
         ]
         try:
